@@ -1,0 +1,77 @@
+"""AttentionView headless: traits, in-place figure updates, clicks, escaped token text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from widgets import AttentionView, pattern_heatmap, tokens_html
+from workbench.attention import attention_patterns
+
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def patterns(tasklm):
+    prompts = ["hot -> cold ; big -> small ; tall ->", "the keys near the cabinet are"]
+    return attention_patterns(tasklm, prompts)
+
+
+def test_patterns_result(patterns, tasklm):
+    assert patterns["pattern"].shape[:3] == (2, tasklm.n_layers, tasklm.n_heads)
+    assert patterns.tokens(0)[:3] == ["<bos>", "hot", "->"]
+    p = patterns.pattern(1, 0, 0)
+    assert p.shape == (7, 7) and np.allclose(p.sum(-1), 1, atol=1e-5)
+    # the padded tail of the shorter prompt is zero
+    assert patterns["pattern"][1, :, :, 7:, :].max() == 0 and patterns["pattern"][1, :, :, :, 7:].max() == 0
+
+
+def test_figure_builder_is_pure(patterns):
+    fig = pattern_heatmap(patterns, prompt=0, layer=1, head=2)
+    assert np.array_equal(np.asarray(fig.data[0].z), patterns.pattern(0, 1, 2))
+    assert fig.layout.title.text == "L1H2 attention, prompt 0"
+
+
+def test_selectors_update_the_figure_in_place(patterns):
+    view = AttentionView(patterns)
+    fig_id = id(view.figure)
+    heat = view.figure.data[0]
+    view.layer.value = 1
+    view.head.value = 3
+    assert id(view.figure) == fig_id and view.figure.data[0] is heat
+    assert np.array_equal(np.asarray(view.figure.data[0].z), patterns.pattern(0, 1, 3))
+    assert view.figure.layout.title.text == "L1H3 attention, prompt 0"
+    view.prompt.value = 1
+    assert np.asarray(view.figure.data[0].z).shape == (7, 7)
+    assert view.query.max == 6 and view.query.value == 6
+    assert len(view.figure.data[0].x) == 7
+
+
+def test_clicking_a_row_selects_that_query(patterns):
+    view = AttentionView(patterns)
+    heat = view.figure.data[0]
+
+    class Points:
+        ys = [heat.y[3]]
+        xs = [heat.x[1]]
+
+    view._on_click(heat, Points(), None)
+    assert view.query.value == 3
+    assert 'data-pos="3" title="3: ' in view.tokens.value and "outline" in view.tokens.value
+    weights = patterns.pattern(0, view.layer.value, view.head.value)[3]
+    assert f'title="1: {weights[1]:.3f}"' in view.tokens.value
+
+
+def test_token_text_is_escaped():
+    html = tokens_html(["ok", EVIL], [0.2, 0.9])
+    assert EVIL not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_escaping_through_the_widget(patterns):
+    import copy
+
+    p = copy.deepcopy(patterns)
+    p.attrs["tokens"][0][1] = EVIL
+    view = AttentionView(p)
+    assert EVIL not in view.tokens.value
+    assert all(EVIL not in str(lbl) for lbl in view.figure.data[0].x)

@@ -1,0 +1,559 @@
+"""Subject: one way into any model.
+
+``load(name_or_path)`` returns a :class:`Subject` holding the Hugging Face model, its
+tokenizer, an nnsight wrapper and a layout (see :mod:`workbench.layout`). Every read
+and write of an activation goes through an nnsight trace, so the same analysis code
+runs locally, across GPUs (``device_map``) or on NDIF (``remote=True``).
+
+Inside your own trace::
+
+    with subject.trace(batch) as tracer:
+        z = subject.read("z.1").save()            # [batch, pos, head, d_head]
+        subject.write("z.1", z * mask)            # replace it downstream
+        logits = subject.read("logits").save()
+
+or, for the common cases, ``subject.cache(prompts, ["pattern.0", "resid_post.1"])``,
+``subject.logits(prompts, patch={"z.1": fn})`` and ``subject.gradients(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.layout import FAMILIES, Family, Site, all_sites, family_for, parse_site
+
+Inputs = Any  # list[str] | str | dict with input_ids | LongTensor [batch, pos]
+Patch = Mapping[str, "torch.Tensor | Callable[[torch.Tensor], torch.Tensor]"]
+
+
+@dataclass
+class Batch:
+    """Token ids and mask of a padded batch (right padding), on the model's device."""
+
+    input_ids: torch.Tensor  # [batch, pos]
+    attention_mask: torch.Tensor  # [batch, pos]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. token_type_ids
+
+    def kwargs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.extra}
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Index of each row's last real token [batch]."""
+        return self.attention_mask.sum(-1) - 1
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class Subject:
+    """A model under study: HF model + tokenizer + nnsight wrapper + layout."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        name: str,
+        nn=None,
+        remote: bool = False,
+        revision: str | None = None,
+        weights_sha256: str | None = None,
+    ) -> None:
+        from nnsight import NNsight
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.remote = remote
+        if nn is None:
+            with warnings.catch_warnings():  # BERT's submodules named "output" are renamed by nnsight
+                warnings.filterwarnings("ignore", message=".*nnsight already serves on every module.*")
+                nn = NNsight(model)
+        self.nn = nn
+        cfg = model.config
+        self.config = cfg
+        self.family: Family = family_for(cfg.model_type)
+        self.revision = revision or getattr(cfg, "_commit_hash", None)
+        self.weights_sha256 = weights_sha256
+        self.n_layers: int = cfg.num_hidden_layers
+        self.n_heads: int = cfg.num_attention_heads
+        self.n_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.d_model: int = cfg.hidden_size
+        self.d_head: int = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+        self.d_vocab: int = cfg.vocab_size
+        self.max_positions: int | None = (
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        )
+        self.causal: bool = self.family.causal
+        self._base = self._base_prefix()
+        self._unembed = self._resolve_unembed()
+        self._pattern_ops: dict[int, tuple[str, str]] = {}
+
+    # ------------------------------------------------------------------ structure
+
+    def _base_prefix(self) -> str:
+        prefix = getattr(self.model, "base_model_prefix", "")
+        if prefix and isinstance(getattr(self.model, prefix, None), torch.nn.Module):
+            return prefix + "."
+        return ""
+
+    def _resolve_unembed(self) -> str | None:
+        if not self.family.unembed:
+            return None
+        for cand in self.family.unembed.split("|"):
+            if self._has_module(cand):
+                return cand
+        return None
+
+    def _has_module(self, path: str) -> bool:
+        try:
+            self.model.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    @property
+    def has_logits(self) -> bool:
+        return self._unembed is not None
+
+    @property
+    def sites(self) -> list[str]:
+        """Every site name this subject accepts."""
+        return all_sites(self.n_layers, self.has_logits)
+
+    def site(self, site: str | Site) -> Site:
+        """Parse and check a site name (unknown kinds and layers get a clear error)."""
+        return parse_site(site, self.n_layers, self.has_logits)
+
+    def module_path(self, site: str | Site) -> str:
+        """Dotted path of the module whose hook carries ``site``."""
+        s = self.site(site)
+        f, b = self.family, self._base
+        layer = f"{b}{f.layers}.{s.layer}" if s.layer is not None else None
+        return {
+            "embed": f"{b}{f.embed}",
+            "resid_pre": layer,
+            "resid_post": layer,
+            "pattern": f"{layer}.{f.core}",
+            "z": f"{layer}.{f.o_proj}",
+            "attn_out": f"{layer}.{f.attn_out}",
+            "mlp_out": f"{layer}.{f.mlp_out}",
+            "logits": self._unembed,
+        }[s.kind]
+
+    def module(self, site: str | Site) -> torch.nn.Module:
+        """The torch module behind a site (for weights: ``subject.module('z.0')`` is o_proj)."""
+        return self.model.get_submodule(self.module_path(site))
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.model.get_submodule(f"{self._base}{self.family.layers}")
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Per-head output projection of a layer, [head, d_head, d_model]."""
+        mod = self.module(f"z.{layer}")
+        w = mod.weight
+        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+        w_in_out = w if type(mod).__name__ == "Conv1D" else w.T
+        return w_in_out.reshape(self.n_heads, self.d_head, -1)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding matrix [d_model, vocab] (the LM head's final linear map)."""
+        if not self.has_logits:
+            raise WorkbenchError("this model has no LM head, so no unembedding")
+        head = self.model.get_submodule(self._unembed)
+        lin = head if isinstance(head, torch.nn.Linear) else [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        return lin.weight.T
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ inputs
+
+    def tokenize(self, prompts: str | Sequence[str], *, max_length: int | None = None) -> Batch:
+        """Tokenize prompts into a right-padded :class:`Batch` on the model's device.
+
+        Empty input and prompts longer than the model's context get a clear error.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise WorkbenchError("empty prompt list; pass at least one prompt")
+        if not all(isinstance(p, str) for p in prompts):
+            bad = next(type(p).__name__ for p in prompts if not isinstance(p, str))
+            raise WorkbenchError(f"prompts must be strings, got a {bad}; pass token ids as a tensor or dict instead")
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        old_side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = old_side
+        return self.as_batch(dict(enc), max_length=max_length)
+
+    def as_batch(self, inputs: Inputs, *, max_length: int | None = None) -> Batch:
+        """Coerce prompts, a tensor of ids, a dict / BatchEncoding or a Batch into a Batch."""
+        if isinstance(inputs, Batch):
+            batch = inputs
+        elif isinstance(inputs, (str, list, tuple)) and (isinstance(inputs, str) or not inputs or isinstance(inputs[0], str)):
+            return self.tokenize(inputs, max_length=max_length)
+        elif isinstance(inputs, torch.Tensor):
+            ids = inputs if inputs.ndim == 2 else inputs[None]
+            batch = Batch(ids, torch.ones_like(ids))
+        elif isinstance(inputs, Mapping) and "input_ids" in inputs:
+            ids = torch.as_tensor(inputs["input_ids"])
+            ids = ids if ids.ndim == 2 else ids[None]
+            mask = torch.as_tensor(inputs["attention_mask"]) if "attention_mask" in inputs else torch.ones_like(ids)
+            mask = mask if mask.ndim == 2 else mask[None]
+            extra = {k: torch.as_tensor(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            batch = Batch(ids, mask, extra)
+        else:
+            raise WorkbenchError(
+                f"cannot use {type(inputs).__name__} as model input; pass a list of prompt strings, a LongTensor of "
+                "token ids [batch, pos], or a dict with input_ids (and attention_mask)"
+            )
+        if batch.input_ids.numel() == 0:
+            raise WorkbenchError("empty input: no tokens to run")
+        limit = max_length or self.max_positions
+        if limit is not None and batch.input_ids.shape[1] > limit:
+            lengths = batch.attention_mask.sum(-1)
+            worst = int(lengths.argmax())
+            raise WorkbenchError(
+                f"prompt {worst} is {int(lengths[worst])} tokens long; this model's context holds {limit} positions"
+            )
+        dev = self.device
+        return Batch(
+            batch.input_ids.to(dev).long(),
+            batch.attention_mask.to(dev).long(),
+            {k: v.to(dev) for k, v in batch.extra.items()},
+        )
+
+    def batches(self, inputs: Sequence[str], batch_size: int) -> Iterator[Batch]:
+        """Split prompts into padded batches of ``batch_size``."""
+        if batch_size < 1:
+            raise WorkbenchError(f"batch_size must be >= 1, got {batch_size}")
+        for i in range(0, len(inputs), batch_size):
+            yield self.tokenize(list(inputs[i : i + batch_size]))
+
+    # ------------------------------------------------------------------ tracing
+
+    def trace(self, inputs: Inputs, **kwargs):
+        """An nnsight trace over ``inputs`` (remote when the subject is remote)."""
+        batch = self.as_batch(inputs)
+        if self.remote:
+            kwargs.setdefault("remote", True)
+        return self.nn.trace(**batch.kwargs(), **kwargs)
+
+    def _envoy(self, path: str):
+        """The nnsight envoy of a module path (walks real child names, so a submodule
+        that nnsight renames, such as BERT's ``output``, still resolves)."""
+        env = self.nn
+        for part in path.split("."):
+            children = getattr(env, "_child_map", {})
+            env = children[part] if part in children else getattr(env, part)
+        return env
+
+    def _pattern_op(self, layer: int):
+        """The softmax inside layer ``layer``'s attention function (a source op)."""
+        if self.config._attn_implementation != "eager":
+            raise WorkbenchError(
+                f"the 'pattern' site needs eager attention, but this model uses {self.config._attn_implementation!r}; "
+                "load it with attn_implementation='eager' (the default of workbench.load)"
+            )
+        core = self._envoy(self.module_path(f"pattern.{layer}")).source
+        if layer not in self._pattern_ops:
+            calls = [n for n in core.names if re.fullmatch(r"attention_interface_\d+", n)]
+            if not calls:
+                raise WorkbenchError(
+                    f"cannot find the attention function call in {type(self.module(f'pattern.{layer}')).__name__}.forward"
+                )
+            self._pattern_ops[layer] = (calls[-1], "")
+        call, soft = self._pattern_ops[layer]
+        inner = getattr(core, call).source
+        if not soft:
+            softs = [n for n in inner.names if "softmax" in n]
+            if not softs:
+                raise WorkbenchError("cannot find the softmax inside this model's eager attention function")
+            soft = softs[0]
+            self._pattern_ops[layer] = (call, soft)
+        return getattr(inner, soft)
+
+    def read(self, site: str | Site) -> torch.Tensor:
+        """Inside a trace: the activation at ``site`` in the layout's uniform shape."""
+        s = self.site(site)
+        env = None if s.kind in ("pattern", "logits") else self._envoy(self.module_path(s))
+        if s.kind == "pattern":
+            return self._pattern_op(s.layer).output
+        if s.kind == "logits":  # the model's final logits (after e.g. Gemma's soft-capping)
+            return self.nn.output.logits
+        if s.kind == "resid_pre":
+            return env.input
+        if s.kind == "z":
+            x = env.input
+            return x.view(*x.shape[:-1], self.n_heads, self.d_head)
+        out = env.output
+        return out[0] if isinstance(out, tuple) else out
+
+    def write(self, site: str | Site, value: torch.Tensor) -> None:
+        """Inside a trace: replace the activation at ``site`` for everything downstream."""
+        s = self.site(site)
+        if s.kind == "pattern":
+            self._pattern_op(s.layer).output = value
+            return
+        if s.kind == "logits":
+            self.nn.output.logits = value
+            return
+        env = self._envoy(self.module_path(s))
+        if s.kind == "resid_pre":
+            env.input = value
+        elif s.kind == "z":
+            env.input = value.reshape(*value.shape[:-2], self.n_heads * self.d_head)
+        else:
+            out = env.output
+            env.output = (value, *out[1:]) if isinstance(out, tuple) else value
+
+    # ------------------------------------------------------------------ conveniences
+
+    def _plan(self, reads: Iterable[str], patch: Patch | None) -> list[tuple[Site, str, Any]]:
+        steps: dict[tuple, tuple[Site, str, Any]] = {}
+        for name, fn in (patch or {}).items():
+            s = self.site(name)
+            steps[(s.order(), 0, s.name)] = (s, "patch", fn)
+        for name in reads:
+            s = self.site(name)
+            steps[(s.order(), 1, s.name)] = (s, "read", None)
+        return [steps[k] for k in sorted(steps)]
+
+    def cache(
+        self,
+        inputs: Inputs,
+        sites: Iterable[str],
+        *,
+        patch: Patch | None = None,
+        grad: bool = False,
+        stop: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Run once and return the activations at ``sites`` (after any ``patch``).
+
+        ``patch`` maps sites to a replacement tensor or a function of the current one.
+        The forward stops after the last site needed unless ``stop=False``.
+        """
+        sites = list(sites)
+        plan = self._plan(sites, patch)
+        need_logits = any(s.kind == "logits" for s, _, _ in plan)
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx, self.trace(inputs) as tracer:
+            out = {}
+            for s, op, fn in plan:
+                if op == "patch":
+                    self.write(s, fn(self.read(s)) if callable(fn) else fn)
+                else:
+                    out[s.name] = self.read(s)
+            out = _save(out)
+            if stop and not need_logits:
+                tracer.stop()
+        return {self.site(k).name: out[self.site(k).name] for k in sites}
+
+    def logits(self, inputs: Inputs, *, patch: Patch | None = None, grad: bool = False) -> torch.Tensor:
+        """Logits [batch, pos, vocab], optionally with patched activations."""
+        return self.cache(inputs, ["logits"], patch=patch, grad=grad)["logits"]
+
+    def gradients(
+        self,
+        inputs: Inputs,
+        sites: Iterable[str],
+        metric: Callable[[torch.Tensor, Batch], torch.Tensor],
+        *,
+        patch: Patch | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """Activations at ``sites``, the gradient of ``metric(logits, batch)`` with respect
+        to each, and the metric value: one forward and one backward pass.
+
+        Each site is swapped for a detached leaf copy of itself, so its gradient is
+        exactly d metric / d activation with everything downstream live.
+        """
+        batch = self.as_batch(inputs)
+        sites = [self.site(s).name for s in sites]
+        plan = self._plan(sites + ["logits"], patch)
+        with torch.enable_grad(), self.trace(batch):
+            leaves = {}
+            for s, op, fn in plan:
+                if op == "patch":
+                    self.write(s, fn(self.read(s)) if callable(fn) else fn)
+                elif s.kind == "logits":
+                    logits = self.read(s)
+                else:
+                    leaf = self.read(s).detach().clone().requires_grad_(True)
+                    self.write(s, leaf)
+                    leaves[s.name] = leaf
+            leaves = _save(leaves)
+            logits = _save(logits)
+        value = metric(logits, batch)
+        value.sum().backward() if value.ndim else value.backward()
+        acts = {k: v.detach() for k, v in leaves.items()}
+        grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in leaves.items()}
+        return acts, grads, value.detach()
+
+    # ------------------------------------------------------------------ provenance
+
+    def config_hash(self) -> str:
+        cfg = self.config.to_dict()
+        for k in ("_commit_hash", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            cfg.pop(k, None)
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def provenance(self) -> dict[str, Any]:
+        """Model name, revision, config hash and weights hash (when known)."""
+        return {
+            "model": self.name,
+            "revision": self.revision,
+            "config_hash": self.config_hash(),
+            "weights_sha256": self.weights_sha256,
+            "family": self.family.name,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Subject({self.name!r}, family={self.family.name}, layers={self.n_layers}, heads={self.n_heads}"
+            f"{'' if self.n_kv_heads == self.n_heads else f' (kv {self.n_kv_heads})'}, d_model={self.d_model}, "
+            f"device={self.device}, dtype={self.dtype}{', remote' if self.remote else ''})"
+        )
+
+
+def _save(obj):
+    import nnsight
+
+    return nnsight.save(obj)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _pick_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pick_dtype(dtype, device: torch.device):
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else "auto"
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise WorkbenchError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'")
+        return getattr(torch, dtype)
+    return dtype
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    fam = family_for(config.model_type)
+    return transformers.AutoModelForCausalLM if fam.causal else transformers.AutoModelForMaskedLM
+
+
+def load(
+    name_or_path: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    remote: bool = False,
+    **hf_kwargs: Any,
+) -> Subject:
+    """Load a model as a :class:`Subject`.
+
+    ``name_or_path`` is a zoo name (``workbench.zoo.names()``, offline), a local
+    directory, or a Hugging Face hub id. ``device="auto"`` picks CUDA when present;
+    ``dtype="auto"`` is float32 on the CPU and the checkpoint's dtype on a GPU. Extra
+    keyword arguments go to ``from_pretrained`` (``device_map="auto"`` spreads a large
+    model over several GPUs; ``revision=...``; ``trust_remote_code`` stays off unless
+    you pass it). Attention defaults to ``attn_implementation="eager"`` so attention
+    patterns can be read. ``remote=True`` runs every trace on NDIF through nnsight.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from workbench import zoo
+
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise WorkbenchError(f"load() needs a zoo name, a local path or a hub id, got {name_or_path!r}")
+    name = str(name_or_path)
+    entry = zoo.get(name)
+    hf_kwargs.setdefault("attn_implementation", "eager")
+    hf_kwargs.setdefault("trust_remote_code", False)
+    weights_sha = None
+    if entry is not None:
+        path = entry.path()
+        weights_sha = entry.weights_sha256()
+    elif os.path.isdir(name):
+        path = name
+    elif _HUB_ID.match(name) and not os.path.exists(name):
+        path = name
+    else:
+        raise WorkbenchError(
+            f"unknown model {name!r}: not a zoo name and not an existing directory. Zoo names (offline): "
+            f"{', '.join(zoo.names())}. For a Hugging Face model pass its hub id (e.g. 'gpt2', "
+            "'EleutherAI/pythia-70m'); for a local model pass the directory holding config.json."
+        )
+
+    if remote:
+        from nnsight import LanguageModel
+
+        nn = LanguageModel(path, **hf_kwargs)
+        return Subject(nn._model, nn.tokenizer, name=name, nn=nn, remote=True)
+
+    dev = _pick_device(device)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=hf_kwargs["trust_remote_code"],
+                                            revision=hf_kwargs.get("revision"))
+    except OSError as err:
+        raise WorkbenchError(
+            f"could not load {name!r}: {err}. Offline, use a zoo name ({', '.join(zoo.names())}) or a local path."
+        ) from err
+    family_for(config.model_type)  # unsupported architectures fail before any weights load
+    cls = _model_class(config)
+    kwargs = dict(hf_kwargs)
+    kwargs.setdefault("dtype", _pick_dtype(dtype, dev))
+    model = cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    if "device_map" not in hf_kwargs:
+        model.to(dev)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=hf_kwargs.get("revision"))
+    return Subject(model, tokenizer, name=name, weights_sha256=weights_sha)
+
+
+def from_model(model: torch.nn.Module, tokenizer, *, name: str = "custom") -> Subject:
+    """Wrap an already-built HF model (e.g. a tiny one made from a config) as a Subject."""
+    model.eval()
+    return Subject(model, tokenizer, name=name)
+
+
+__all__ = ["Batch", "Subject", "load", "from_model", "FAMILIES"]
