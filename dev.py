@@ -9,6 +9,9 @@ Needs only Python 3.10+ and the ability to install packages. Setting up creates
 dependencies (``constraints.txt``), and turns the tutorial ``notebooks/*.py`` into
 ``.ipynb``. A second run skips what is already installed. Extra arguments after
 ``test`` go to pytest (``python3 dev.py test -k subject``); after ``lab`` to JupyterLab.
+
+    python3 dev.py bench [name ...]   # also installs the anchors (bench/requirements.txt)
+                                      # and prints every benchmark's ratios
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def chromium() -> str:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("lab", "test", "setup"):
+    if not argv or argv[0] not in ("lab", "test", "setup", "bench"):
         print(__doc__)
         return 2
     cmd, rest = argv[0], argv[1:]
@@ -80,6 +83,11 @@ def main(argv: list[str]) -> int:
     setup("dev")
     if cmd == "setup":
         return 0
+    if cmd == "bench":
+        run([PY, "-m", "pip", "install", "--disable-pip-version-check", "-c", "constraints.txt",
+             "-r", "bench/requirements.txt"])
+        os.environ.update(OFFLINE)
+        return subprocess.run([str(PY), "bench/run.py", *rest], cwd=ROOT).returncode
     env = {**os.environ, **OFFLINE, "WORKBENCH_CHROMIUM": chromium()}
     workers = ["-n", os.environ.get("WORKBENCH_TEST_WORKERS", "2")]
     return subprocess.run([str(PY), "-m", "pytest", *workers, *rest], cwd=ROOT, env=env).returncode

@@ -9,16 +9,13 @@ from __future__ import annotations
 import torch
 
 from workbench.data import agreement_pairs, icl_prompts, repeated_sequences, task_names
+from workbench.metrics import last_logits
 
 EVAL_SEED = 10_007  # held out: training draws its prompts from other seeds
 
 
 def _last_logits(subject, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    out = []
-    for batch in subject.batches(prompts, batch_size):
-        logits = subject.logits(batch)
-        out.append(logits[torch.arange(len(batch)), batch.last])
-    return torch.cat(out)
+    return torch.cat([last_logits(subject.logits(b), b) for b in subject.batches(prompts, batch_size)])
 
 
 def icl_accuracy(subject, *, k: int = 4, n: int = 100, seed: int = EVAL_SEED, tasks=None, split="all") -> dict[str, float]:

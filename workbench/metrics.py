@@ -1,0 +1,49 @@
+"""Metrics on a model's logits at each prompt's last real token.
+
+All take ``logits`` [batch, pos, vocab] and the :class:`~workbench.subject.Batch` they
+came from (right-padded, so the last real token differs per row), and return one value
+per prompt [batch] unless they say otherwise. They are differentiable where it makes
+sense, so they serve as the metric of attribution patching too.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def last_logits(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Logits at each prompt's last real token [batch, vocab]."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), batch.last.to(logits.device)]
+
+
+def _ids(ids: Sequence[int] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(ids, device=like.device, dtype=torch.long)
+
+
+def logit_diff(logits: torch.Tensor, batch, good: Sequence[int], bad: Sequence[int]) -> torch.Tensor:
+    """logit[good] - logit[bad] at the last token, per prompt."""
+    last = last_logits(logits, batch)
+    rows = torch.arange(last.shape[0], device=last.device)
+    return last[rows, _ids(good, last)] - last[rows, _ids(bad, last)]
+
+
+def answer_logprob(logits: torch.Tensor, batch, answers: Sequence[int]) -> torch.Tensor:
+    """log p(answer) at the last token, per prompt."""
+    last = last_logits(logits, batch).float().log_softmax(-1)
+    return last[torch.arange(last.shape[0], device=last.device), _ids(answers, last)]
+
+
+def correct(logits: torch.Tensor, batch, answers: Sequence[int]) -> torch.Tensor:
+    """Whether the top-1 prediction at the last token is the answer, per prompt (bool)."""
+    return last_logits(logits, batch).argmax(-1) == _ids(answers, logits)
+
+
+def next_token_loss(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over real tokens, per prompt."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    target = batch.input_ids[:, 1:].to(logits.device)
+    nll = -logp.gather(-1, target[..., None])[..., 0]
+    mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(nll.dtype).to(logits.device)
+    return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
