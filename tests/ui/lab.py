@@ -45,8 +45,9 @@ def running_lab(root_dir: Path):
     """Yield (base_url, token) of a JupyterLab serving ``root_dir``."""
     port, token = _free_port(), secrets.token_hex(16)
     log = open(ARTIFACTS / f"lab-{port}.log", "w")
+    root_flag = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+        [sys.executable, "-m", "jupyter", "lab", *root_flag, "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root_dir}",
          "--LabApp.expose_app_in_browser=True", "--ServerApp.disable_check_xsrf=False",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
