@@ -550,8 +550,12 @@ def load(
     return Subject(model, tokenizer, name=name, weights_sha256=weights_sha)
 
 
-def from_model(model: torch.nn.Module, tokenizer, *, name: str = "custom") -> Subject:
-    """Wrap an already-built HF model (e.g. a tiny one made from a config) as a Subject."""
+def from_model(model: torch.nn.Module, tokenizer, *, name: str = "custom", eager: bool = True) -> Subject:
+    """Wrap an already-built HF model (e.g. a tiny one made from a config) as a Subject.
+
+    ``eager=True`` switches the model to eager attention (needed to read ``pattern``)."""
+    if eager and getattr(model.config, "_attn_implementation", "eager") != "eager":
+        model.set_attn_implementation("eager")
     model.eval()
     return Subject(model, tokenizer, name=name)
 
