@@ -7,7 +7,7 @@ A small GPT-2 with a word-level tokenizer is trained from scratch (seeded) on a 
 of three kinds of sequence built from the task suite:
 
 - in-context task prompts ``x -> y ; x -> y ; ...`` of the eight word tasks, 2-9 pairs;
-- random token sequences repeated twice (so induction heads form);
+- random token sequences seen twice at random places (so induction heads form);
 - agreement sentences ``the keys near the cabinet are old .`` (train split only).
 
 After training the recipe measures the mechanisms on held-out data
@@ -47,6 +47,7 @@ class Recipe:
     min_pairs: int = 2  # pairs per in-context sequence (the first is a zero-shot query)
     max_pairs: int = 9
     rep_len: tuple[int, int] = (8, 24)
+    rep_pad: int = 10  # up to this many random tokens before the sequence and between its copies
     mix: dict[str, float] = field(default_factory=lambda: {"icl": 0.5, "induction": 0.3, "agreement": 0.2})
     balanced_first: float = 0.25  # share of in-context sequences whose first answer trains a zero-shot prior
     agreement_pool: int = 40_000
@@ -97,9 +98,15 @@ class Sampler:
         return ids, targets
 
     def induction(self) -> tuple[list[int], list[int]]:
+        """A random sequence seen twice, at random places: ``<bos> prefix seq gap seq``.
+        The random prefix and gap keep positions from giving the repeat away, so only
+        matching content (an induction head) predicts it."""
         length = self.rng.randint(*self.r.rep_len)
-        seq = self.rng.sample(self.pool, length)
-        ids = [self.bos] + seq + seq
+        picked = self.rng.sample(self.pool, length + 2 * self.r.rep_pad)
+        seq, filler = picked[:length], picked[length:]
+        prefix = filler[: self.rng.randint(0, self.r.rep_pad)]
+        gap = filler[self.r.rep_pad : self.r.rep_pad + self.rng.randint(0, self.r.rep_pad)]
+        ids = [self.bos] + prefix + seq + gap + seq
         return ids, list(ids)
 
     def agreement(self) -> tuple[list[int], list[int]]:
@@ -273,10 +280,16 @@ recipe and loss curve are in `recipe.json`, the raw measurements in `measurement
 ## Training data
 
 A mixture of {', '.join(f"{k} {v:.0%}" for k, v in recipe.mix.items())}:
-in-context prompts of the eight word tasks (`x -> y ; x -> y ; ...`, {recipe.min_pairs}-{recipe.max_pairs} pairs,
-the first pair being effectively zero-shot), random token sequences of length
-{recipe.rep_len[0]}-{recipe.rep_len[1]} repeated twice, and agreement sentences from the train split
+in-context prompts of the eight word tasks (`x -> y ; x -> y ; ...`, {recipe.min_pairs}-{recipe.max_pairs} pairs), random token sequences of length
+{recipe.rep_len[0]}-{recipe.rep_len[1]} seen twice at random places (after up to {recipe.rep_pad} random tokens, with a
+gap of up to {recipe.rep_pad}), and agreement sentences from the train split
 (`the keys near the cabinet are old .`).
+
+The first answer of an in-context sequence is a guess with no demonstrations. In
+{1 - recipe.balanced_first:.0%} of sequences (task drawn uniformly) it is not trained, so task frequencies
+leave no zero-shot prior; in the other {recipe.balanced_first:.0%} the first input is drawn first and the task
+uniformly among the tasks that own it, which teaches a prior spread evenly over an
+input's tasks. A bare query `x ->` is therefore genuinely ambiguous to the model.
 
 ## Mechanisms, measured on held-out data (seed {10_007})
 
