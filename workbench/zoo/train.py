@@ -34,6 +34,8 @@ from workbench.zoo.tokenizer import build_word_tokenizer
 @dataclass
 class Recipe:
     seed: int = 0
+    arch: str = "gpt2"
+    rotary_pct: float = 0.5  # gpt_neox only
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 4
@@ -128,15 +130,28 @@ class Sampler:
 
 
 def build_model(recipe: Recipe, vocab_size: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A fresh model of the recipe's architecture: ``gpt2`` (learned absolute positions)
+    or ``gpt_neox`` (Pythia-style, rotary positions on part of each head)."""
+    import transformers
 
-    cfg = GPT2Config(
-        vocab_size=vocab_size, n_positions=recipe.n_positions, n_embd=recipe.n_embd, n_layer=recipe.n_layer,
-        n_head=recipe.n_head, n_inner=recipe.n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=2, eos_token_id=2, pad_token_id=0,
-    )
+    special = dict(bos_token_id=2, eos_token_id=2, pad_token_id=0, vocab_size=vocab_size)
+    if recipe.arch == "gpt2":
+        cfg = transformers.GPT2Config(
+            n_positions=recipe.n_positions, n_embd=recipe.n_embd, n_layer=recipe.n_layer, n_head=recipe.n_head,
+            n_inner=recipe.n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special,
+        )
+        cls = transformers.GPT2LMHeadModel
+    elif recipe.arch == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(
+            max_position_embeddings=recipe.n_positions, hidden_size=recipe.n_embd, num_hidden_layers=recipe.n_layer,
+            num_attention_heads=recipe.n_head, intermediate_size=recipe.n_inner, rotary_pct=recipe.rotary_pct,
+            hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=True, **special,
+        )
+        cls = transformers.GPTNeoXForCausalLM
+    else:
+        raise ValueError(f"unknown arch {recipe.arch!r}; use 'gpt2' or 'gpt_neox'")
     torch.manual_seed(recipe.seed)
-    return GPT2LMHeadModel(cfg)
+    return cls(cfg)
 
 
 CHECKPOINT = "checkpoint.pt"
