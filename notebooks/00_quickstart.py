@@ -15,7 +15,7 @@
 # models, read activations through a **Subject**, and look at attention with a live
 # widget and with a plain figure built from a saved result.
 #
-# - `tasklm`: a tiny GPT-2 trained by this project on the task suite. It has known
+# - `tasklm`: a tiny Pythia-style GPT-NeoX trained by this project on the task suite. It has known
 #   mechanisms (a previous-token head feeding an induction head, in-context task
 #   inference, number agreement) so every tool can be checked against ground truth.
 # - `minilm`: all-MiniLM-L6-v2, a real pretrained BERT encoder (6 layers x 12 heads).

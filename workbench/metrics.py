@@ -13,6 +13,11 @@ from typing import Sequence
 import torch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half precision upcast; float64 kept)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def last_logits(logits: torch.Tensor, batch) -> torch.Tensor:
     """Logits at each prompt's last real token [batch, vocab]."""
     return logits[torch.arange(logits.shape[0], device=logits.device), batch.last.to(logits.device)]
@@ -31,7 +36,7 @@ def logit_diff(logits: torch.Tensor, batch, good: Sequence[int], bad: Sequence[i
 
 def answer_logprob(logits: torch.Tensor, batch, answers: Sequence[int]) -> torch.Tensor:
     """log p(answer) at the last token, per prompt."""
-    last = last_logits(logits, batch).float().log_softmax(-1)
+    last = upcast(last_logits(logits, batch)).log_softmax(-1)
     return last[torch.arange(last.shape[0], device=last.device), _ids(answers, last)]
 
 
@@ -42,7 +47,7 @@ def correct(logits: torch.Tensor, batch, answers: Sequence[int]) -> torch.Tensor
 
 def next_token_loss(logits: torch.Tensor, batch) -> torch.Tensor:
     """Mean next-token cross-entropy over real tokens, per prompt."""
-    logp = logits[:, :-1].float().log_softmax(-1)
+    logp = upcast(logits[:, :-1]).log_softmax(-1)
     target = batch.input_ids[:, 1:].to(logits.device)
     nll = -logp.gather(-1, target[..., None])[..., 0]
     mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(nll.dtype).to(logits.device)

@@ -392,29 +392,39 @@ class Subject:
         """Activations at ``sites``, the gradient of ``metric(logits, batch)`` with respect
         to each, and the metric value: one forward and one backward pass.
 
-        Each site is swapped for a detached leaf copy of itself, so its gradient is
-        exactly d metric / d activation with everything downstream live.
+        A zero leaf is added at each site (``x + delta``), so each gradient is the total
+        derivative d metric / d activation, through every later site too (a detached copy
+        in place of the activation would cut the paths through later sites). Parameter
+        gradients are not computed.
         """
         batch = self.as_batch(inputs)
         sites = [self.site(s).name for s in sites]
         plan = self._plan(sites + ["logits"], patch)
-        with torch.enable_grad(), self.trace(batch):
-            leaves = {}
-            for s, op, fn in plan:
-                if op == "patch":
-                    self.write(s, fn(self.read(s)) if callable(fn) else fn)
-                elif s.kind == "logits":
-                    logits = self.read(s)
-                else:
-                    leaf = self.read(s).detach().clone().requires_grad_(True)
-                    self.write(s, leaf)
-                    leaves[s.name] = leaf
-            leaves = _save(leaves)
-            logits = _save(logits)
-        value = metric(logits, batch)
-        value.sum().backward() if value.ndim else value.backward()
-        acts = {k: v.detach() for k, v in leaves.items()}
-        grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in leaves.items()}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad(), self.trace(batch):
+                saved, deltas = {}, {}
+                for s, op, fn in plan:
+                    if op == "patch":
+                        self.write(s, fn(self.read(s)) if callable(fn) else fn)
+                    elif s.kind == "logits":
+                        logits = self.read(s)
+                    else:
+                        x = self.read(s)
+                        delta = torch.zeros_like(x, requires_grad=True)
+                        self.write(s, x + delta)
+                        saved[s.name], deltas[s.name] = x.detach(), delta
+                saved, deltas = _save(saved), _save(deltas)
+                logits = _save(logits)
+            value = metric(logits, batch)
+            value.sum().backward() if value.ndim else value.backward()
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        acts = dict(saved)
+        grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in deltas.items()}
         return acts, grads, value.detach()
 
     # ------------------------------------------------------------------ provenance

@@ -33,7 +33,7 @@ def induction(tasklm):
 
 def test_zoo_names_and_offline_loading(tasklm, minilm):
     assert zoo.names() == ["tasklm", "minilm"]
-    assert tasklm.family.name == "gpt2" and tasklm.causal and tasklm.has_logits
+    assert tasklm.family.name == "gpt_neox" and tasklm.causal and tasklm.has_logits
     assert (minilm.n_layers, minilm.n_heads, minilm.d_model) == (6, 12, 384) and not minilm.causal
     assert tasklm.provenance()["weights_sha256"] == zoo.get("tasklm").weights_sha256()
     ids = tasklm.tokenizer("France -> Paris").input_ids
@@ -63,12 +63,13 @@ def test_a_previous_token_head_feeds_an_induction_head(tasklm, induction):
     (pl, ph), (il, ih) = induction["prev_token_head"], induction["induction_head"]
     assert pl < il, "the previous-token head sits below the induction head"
     assert induction["prev_token_score"] > 0.5 and induction["induction_score"] > 0.5
-    # knock out the previous-token head: the induction head loses its target and the
-    # repeat stops being predictable; a control head of the same layer matters far less
-    def ablate(head):
+    # knock out the previous-token heads of that layer: the induction head loses its
+    # target and the repeat stops being predictable; the layer's other heads, knocked out
+    # together as a control, matter far less
+    def ablate(heads):
         def fn(z):
             z = z.clone()
-            z[:, :, head] = 0
+            z[:, :, heads] = 0
             return z
         return fn
 
@@ -83,13 +84,16 @@ def test_a_previous_token_head_feeds_an_induction_head(tasklm, induction):
         q = torch.arange(21, 41)
         return float(nll[:, 21:40].mean()), float(acts[f"pattern.{il}"][:, ih, q, q - 19].mean())
 
+    prev = [h for h in range(tasklm.n_heads) if induction["prev_token_scores"][pl][h] > 0.3]
+    others = [h for h in range(tasklm.n_heads) if h not in prev]
+    assert ph in prev and others, (prev, others)
     base_loss, base_score = repeat_loss_and_score(None)
-    cut_loss, cut_score = repeat_loss_and_score({f"z.{pl}": ablate(ph)})
-    others = [h for h in range(tasklm.n_heads) if h != ph]
-    control = [repeat_loss_and_score({f"z.{pl}": ablate(h)}) for h in others]
+    cut_loss, cut_score = repeat_loss_and_score({f"z.{pl}": ablate(prev)})
+    control_loss, _ = repeat_loss_and_score({f"z.{pl}": ablate(others)})
+    assert base_loss < 0.5
     assert cut_score < 0.5 * base_score
     assert cut_loss > base_loss + 2.0
-    assert all(c_loss < cut_loss - 1.0 for c_loss, _ in control)
+    assert control_loss < cut_loss - 1.0
 
 
 def test_in_context_task_inference_beats_zero_shot_on_every_task(tasklm):
@@ -135,7 +139,7 @@ def test_recipe_is_seeded_and_resumes_exactly(tmp_path):
 
     from workbench.zoo.train import Recipe, train
 
-    recipe = Recipe(steps=6, batch_size=8, warmup=2, threads=1, agreement_pool=200)
+    recipe = Recipe(steps=6, batch_size=8, first_steps=2, first_batch_size=4, warmup=2, threads=1, agreement_pool=200)
     train(recipe, tmp_path / "a", measure_after=False, checkpoint_every=2)
     assert train(recipe, tmp_path / "b", measure_after=False, checkpoint_every=2, stop_after=3) == {"interrupted_at": 3}
     assert (tmp_path / "b" / "checkpoint.pt").exists()
@@ -143,7 +147,7 @@ def test_recipe_is_seeded_and_resumes_exactly(tmp_path):
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
-    other = Recipe(steps=6, batch_size=8, warmup=2, threads=1, agreement_pool=200, seed=1)
+    other = Recipe(steps=6, batch_size=8, first_steps=2, first_batch_size=4, warmup=2, threads=1, agreement_pool=200, seed=1)
     train(other, tmp_path / "c", measure_after=False)
     c = load_file(tmp_path / "c" / "model.safetensors")
-    assert not torch.equal(a["transformer.wte.weight"], c["transformer.wte.weight"])
+    assert any(not torch.equal(a[k], c[k]) for k in a)

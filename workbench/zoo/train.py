@@ -3,8 +3,10 @@
     python -m workbench.zoo.train            # writes workbench/zoo/tasklm/
     python -m workbench.zoo.train --out DIR  # somewhere else
 
-A small GPT-2 with a word-level tokenizer is trained from scratch (seeded) on a mixture
-of three kinds of sequence built from the task suite:
+A small Pythia-style GPT-NeoX (rotary positions) with a word-level tokenizer is trained
+from scratch (seeded), first on repeated random sequences alone (a previous-token head
+feeding an induction head forms there), then on a mixture of three kinds of sequence
+built from the task suite:
 
 - in-context task prompts ``x -> y ; x -> y ; ...`` of the eight word tasks, 2-9 pairs;
 - random token sequences seen twice at random places (so induction heads form);
@@ -34,15 +36,15 @@ from workbench.zoo.tokenizer import build_word_tokenizer
 @dataclass
 class Recipe:
     seed: int = 0
-    arch: str = "gpt2"
-    rotary_pct: float = 0.5  # gpt_neox only
+    arch: str = "gpt_neox"  # rotary positions: previous-token heads form fast; "gpt2" also works
+    rotary_pct: float = 1.0  # gpt_neox only
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 4
     n_inner: int = 512
     n_positions: int = 128
-    steps: int = 3000
-    batch_size: int = 256
+    steps: int = 3500  # in all, the first phase included
+    batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -50,10 +52,16 @@ class Recipe:
     max_pairs: int = 9
     rep_len: tuple[int, int] = (8, 24)
     rep_pad: int = 10  # up to this many random tokens before the sequence and between its copies
-    mix: dict[str, float] = field(default_factory=lambda: {"icl": 0.5, "induction": 0.3, "agreement": 0.2})
+    mix: dict[str, float] = field(default_factory=lambda: {"icl": 0.4, "induction": 0.4, "agreement": 0.2})
+    # A first phase on repeated sequences alone: a clean previous-token -> induction circuit
+    # forms in it. Trained on the mixture from the start, the same model found a diffuse
+    # positional solution instead (low repeat loss, no previous-token head).
+    first_steps: int = 1000
+    first_batch_size: int = 64
+    first_mix: dict[str, float] = field(default_factory=lambda: {"induction": 1.0})
     balanced_first: float = 0.25  # share of in-context sequences whose first answer trains a zero-shot prior
     agreement_pool: int = 40_000
-    threads: int = 2
+    threads: int = 1
 
 
 class Sampler:
@@ -74,8 +82,6 @@ class Sampler:
             for x in t.inputs:
                 self.owners.setdefault(x, []).append(t)
         self.inputs = sorted(self.owners)
-        kinds, weights = zip(*recipe.mix.items())
-        self.kinds, self.weights = list(kinds), list(weights)
 
     def ids(self, text: str) -> list[int]:
         return [self.bos] + [self.vocab[w] for w in text.split()]
@@ -115,9 +121,10 @@ class Sampler:
         ids = self.ids(self.rng.choice(self.sentences))
         return ids, list(ids)
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, size: int, mix: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input ids, attention mask, targets with -100 where no loss is taken)."""
-        seqs = [getattr(self, k)() for k in self.rng.choices(self.kinds, self.weights, k=size)]
+        kinds, weights = zip(*mix.items())
+        seqs = [getattr(self, k)() for k in self.rng.choices(kinds, weights, k=size)]
         width = max(len(ids) for ids, _ in seqs)
         inp = torch.zeros((size, width), dtype=torch.long)
         mask = torch.zeros((size, width), dtype=torch.long)
@@ -209,7 +216,10 @@ def train(
             return {"interrupted_at": step}
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        inp, mask, tgt = sampler.batch(recipe.batch_size)
+        if step < recipe.first_steps:
+            inp, mask, tgt = sampler.batch(recipe.first_batch_size, recipe.first_mix)
+        else:
+            inp, mask, tgt = sampler.batch(recipe.batch_size, recipe.mix)
         logits = model(input_ids=inp, attention_mask=mask).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), ignore_index=-100
@@ -280,21 +290,27 @@ def write_card(out: Path, recipe: Recipe, report: dict) -> None:
     )
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     n_params = report.get("n_params")
-    card = f"""# tasklm: a tiny GPT-2 with known mechanisms
+    arch = {"gpt_neox": f"GPT-NeoX (Pythia-style, rotary positions on {recipe.rotary_pct:.0%} of each head)",
+            "gpt2": "GPT-2"}[recipe.arch]
+    card = f"""# tasklm: a tiny {arch.split(' ')[0]} with known mechanisms
 
-A {recipe.n_layer}-layer GPT-2 (d_model {recipe.n_embd}, {recipe.n_head} heads of {recipe.n_embd // recipe.n_head},
+A {recipe.n_layer}-layer {arch} (d_model {recipe.n_embd}, {recipe.n_head} heads of {recipe.n_embd // recipe.n_head},
 MLP {recipe.n_inner}, context {recipe.n_positions}, {n_params or '?'} parameters) with a word-level tokenizer
 (one token per word of the task suite, `<bos>` first). Trained from scratch by this project
 so that every lens of the workbench can be checked against known ground truth.
 
-Rebuild: `python -m workbench.zoo.train` (seed {recipe.seed}, {recipe.steps} steps of {recipe.batch_size}
-sequences, AdamW lr {recipe.lr} with cosine decay; {report['train_minutes']} minutes on
-{recipe.threads} CPU threads here; final training loss {report['final_loss']:.3f}). The full
+Rebuild: `python -m workbench.zoo.train` (seed {recipe.seed}, {recipe.steps} steps: {recipe.first_steps} of
+{recipe.first_batch_size} sequences, then {recipe.steps - recipe.first_steps} of {recipe.batch_size}; AdamW lr {recipe.lr} with cosine decay; {report['train_minutes']} minutes on
+{recipe.threads} CPU thread(s) here; final training loss {report['final_loss']:.3f}). The full
 recipe and loss curve are in `recipe.json`, the raw measurements in `measurements.json`.
 
 ## Training data
 
-A mixture of {', '.join(f"{k} {v:.0%}" for k, v in recipe.mix.items())}:
+The first {recipe.first_steps} steps ({recipe.first_batch_size} sequences each) see only repeated random
+sequences: the previous-token and induction heads form there. Trained on the mixture from
+the first step, the same model reached a low repeat loss through diffuse positional
+attention instead, with no previous-token head to find. The remaining steps see a
+mixture of {', '.join(f"{k} {v:.0%}" for k, v in recipe.mix.items())}:
 in-context prompts of the eight word tasks (`x -> y ; x -> y ; ...`, {recipe.min_pairs}-{recipe.max_pairs} pairs), random token sequences of length
 {recipe.rep_len[0]}-{recipe.rep_len[1]} seen twice at random places (after up to {recipe.rep_pad} random tokens, with a
 gap of up to {recipe.rep_pad}), and agreement sentences from the train split
