@@ -1,6 +1,7 @@
 """interp-workbench UI layer: figure builders (pure functions of results) and live widgets."""
 
+from widgets.attention_explorer import AttentionExplorer
 from widgets.attention_view import AttentionView
-from widgets.figures import pattern_heatmap, tokens_html
+from widgets.figures import ablation_bars, pattern_heatmap, score_grid, tokens_html
 
-__all__ = ["AttentionView", "pattern_heatmap", "tokens_html"]
+__all__ = ["AttentionExplorer", "AttentionView", "ablation_bars", "pattern_heatmap", "score_grid", "tokens_html"]
