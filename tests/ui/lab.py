@@ -134,3 +134,13 @@ def page_problems(page) -> list[str]:
     for err in page.query_selector_all(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']"):
         problems.append(err.inner_text()[:500])
     return problems
+
+
+def ensure_ipynb(stem: str) -> str:
+    """Build ``notebooks/<stem>.ipynb`` from its paired .py when missing; returns its name."""
+    target = ROOT / "notebooks" / f"{stem}.ipynb"
+    if not target.exists():
+        import jupytext
+
+        jupytext.write(jupytext.read(ROOT / "notebooks" / f"{stem}.py"), target)
+    return target.name

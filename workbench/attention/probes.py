@@ -144,8 +144,8 @@ def probe(
     acc, std, ctrl = (np.full(len(names), np.nan) for _ in range(3))
     for i, name in enumerate(names):
         acc[i], std[i] = fit_probe(feats[name], y, folds=folds, seed=seed, c=c)
-        if control and len(np.unique(y_ctrl)) > 1:
-            ctrl[i] = fit_probe(feats[name], y_ctrl, folds=folds, seed=seed, c=c)[0]
+        if control:  # a single control label (one word type) is trivially predictable
+            ctrl[i] = fit_probe(feats[name], y_ctrl, folds=folds, seed=seed, c=c)[0] if len(np.unique(y_ctrl)) > 1 else 1.0
     values, counts = np.unique(y, return_counts=True)
     params = {"per": per, "position": position, "components": components, "folds": folds, "seed": seed, "c": c}
     layer = [int(nm[1:].split("H")[0]) if nm.startswith("L") else int(nm.split(".")[1]) for nm in names]
