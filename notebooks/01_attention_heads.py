@@ -126,7 +126,41 @@ probes = probe(lm, torch.tensor(short["input_ids"]), labels, per="token", compon
 probes.to_frame().sort_values("selectivity", ascending=False).head(6)
 
 # %% [markdown]
-# ## 6. The explorer
+# ## 6. Retrieval heads, reuse across tasks, token attribution
+#
+# Needle in a haystack: a random needle hidden in random tokens, the prompt ending with
+# its first two tokens. While the model copies the rest greedily, a head scores when its
+# most-attended position is the needle token being copied (Wu et al., 2024).
+
+# %%
+from workbench.attention import head_overlap, needle_prompts, retrieval_scores, token_attribution
+from widgets.figures import tokens_html
+from workbench.attention.attribution import normalised
+
+ret = retrieval_scores(lm, needle_prompts(lm.tokenizer, 24, seed=7))
+print("copy accuracy", ret["copy_accuracy"].mean().round(3), "| retrieval scores:\n", np.round(ret["score"], 2))
+
+# %% [markdown]
+# Which heads matter for two in-context tasks, and how many do they share?
+
+# %%
+cap = icl_prompts("capitalize", 4, 64, seed=3, tokenizer=lm.tokenizer)
+scan_cap = scan_heads(lm, list(cap["prompt"]), metric=functools.partial(metrics.answer_logprob, answers=list(cap["answer_id"])),
+                      attribution=False)
+overlap = head_overlap(scan_icl["effect"], scan_cap["effect"], k=3)
+overlap
+
+# %% [markdown]
+# Integrated gradients (captum) of the prediction, per input token:
+
+# %%
+ig = token_attribution(lm, "hot -> cold ; big -> small ; tall ->")
+from IPython.display import HTML
+
+HTML(f"prediction <b>{ig.attrs['target']}</b>" + tokens_html(ig.attrs["tokens"], normalised(ig)))
+
+# %% [markdown]
+# ## 7. The explorer
 #
 # Click a cell of the score grid to see that head's pattern; pick a query row; "ablate"
 # measures the loss change beside random heads.
@@ -139,7 +173,7 @@ explorer.kind.value = "induction"
 explorer
 
 # %% [markdown]
-# ## 7. A real pretrained encoder: MiniLM's 72 heads
+# ## 8. A real pretrained encoder: MiniLM's 72 heads
 #
 # Bidirectional, so no induction score. We add two user patterns: the *next* token
 # (positional heads look either way) and the special tokens `[CLS]` / `[SEP]`.
@@ -219,6 +253,8 @@ s = abl.summary
 assert s["effect"] > 1.0 and s["control_p"] <= 0.05, s  # far beyond random heads
 assert abl_prev.summary["effect"] > 1.0 and abl_prev.summary["control_p"] <= 0.05
 assert scan.attrs["spearman"] > 0.5
+assert ret.best() == ind_head and ret["copy_accuracy"].mean() > 0.9, "the induction head does the retrieving"
+assert overlap["n_shared"] >= 1, "in-context tasks reuse heads"
 assert ind_head in [tuple(h) for h in curve.attrs["order"][-3:]], "the induction head is among the last pruned"
 i = probes.coord("component").index(f"L{ind_head[0]}H{ind_head[1]}")
 assert probes["accuracy"][i] > 0.9 and probes["selectivity"][i] > 0.3

@@ -3,7 +3,9 @@
 A layer x head grid of the chosen score kind (hover: its 95% interval and the control);
 clicking a cell shows that head's pattern on the chosen prompt as a heatmap and as
 tokens shaded by attention from the chosen query; "ablate" measures the metric change
-from ablating the selected head beside random heads. Figures update in place.
+from ablating the selected head beside random heads; "attribute" shades the prompt's
+tokens by integrated gradients of the model's prediction (captum), under the attention
+tokens for comparison. Figures update in place.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class AttentionExplorer(W.VBox):
         self.ablate_button = W.Button(description="ablate", tooltip="ablate the selected head beside random heads")
         self.ablate_status = W.HTML()
         self.bars = go.FigureWidget(ablation_bars())
+        self.attribution = None
+        self.attribute_button = W.Button(description="attribute", tooltip="integrated gradients of the prediction")
+        self.attribution_html = W.HTML()
 
         self.grid.data[0].on_click(self._on_cell)
         self.heatmap.data[0].on_click(self._on_row)
@@ -53,10 +58,12 @@ class AttentionExplorer(W.VBox):
         self.prompt.observe(self._on_prompt, names="value")
         self.query.observe(lambda _c: self._retoken(), names="value")
         self.ablate_button.on_click(lambda _b: self.ablate())
+        self.attribute_button.on_click(lambda _b: self.attribute())
         super().__init__([
             W.HBox([self.kind, self.prompt]),
             W.HBox([self.grid, self.heatmap]),
             self.query, self.tokens,
+            W.HBox([self.attribute_button, self.attribution_html]),
             W.HBox([self.ablate_button, self.ablate_status]), self.bars,
         ])
         self._retoken()
@@ -112,6 +119,24 @@ class AttentionExplorer(W.VBox):
     def _retoken(self) -> None:
         p, (l, h), q = self.prompt.value, self.selected, self.query.value
         self.tokens.value = tokens_html(self.patterns.tokens(p), self.patterns.pattern(p, l, h)[q], focus=q)
+
+    def attribute(self):
+        """Integrated-gradients attribution of the prediction at the chosen prompt's end."""
+        from workbench.attention import token_attribution
+        from workbench.attention.attribution import normalised
+
+        prompts = self.patterns.attrs.get("prompts")
+        if not prompts:
+            self.attribution_html.value = "<i>attribution needs text prompts</i>"
+            return None
+        self.attribution = token_attribution(self.subject, prompts[self.prompt.value])
+        a = self.attribution
+        self.attribution_html.value = (
+            f"<div>attribution of <b>{html.escape(a.attrs['target'])}</b> "
+            f"(log p {a.attrs['logprob']:.2f}, IG delta {a.attrs['delta']:.3f})</div>"
+            + tokens_html(a.attrs["tokens"], normalised(a))
+        )
+        return a
 
     def ablate(self):
         """Ablate the selected head on ``ablation_inputs`` beside random heads; returns the result."""

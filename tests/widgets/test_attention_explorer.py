@@ -71,6 +71,15 @@ def test_ablate_shows_the_effect_beside_random_heads(explorer):
     assert len(explorer.ablation["control_effect"]) == 4
 
 
+def test_attribute_shades_the_prompt_by_integrated_gradients(explorer):
+    explorer.prompt.value = 0
+    explorer.attribute_button.click()
+    a = explorer.attribution
+    assert a.attrs["prompt"] == PROMPTS[0] and a.attrs["target"] == "short"
+    assert "attribution of <b>short</b>" in explorer.attribution_html.value
+    assert explorer.attribution_html.value.count('class="wb-token"') == len(a.attrs["tokens"])
+
+
 def test_score_grid_is_pure(tasklm):
     r = head_scores(tasklm, PROMPTS, kinds=["self"], n_boot=50)
     fig = score_grid(r, "self")
