@@ -81,7 +81,6 @@ class Sampler:
         for t in self.tasks:
             for x in t.inputs:
                 self.owners.setdefault(x, []).append(t)
-        self.inputs = sorted(self.owners)
 
     def ids(self, text: str) -> list[int]:
         return [self.bos] + [self.vocab[w] for w in text.split()]
@@ -89,11 +88,12 @@ class Sampler:
     def icl(self) -> tuple[list[int], list[int]]:
         """In-context pairs of one task. Most sequences pick the task uniformly and do not
         train the first answer (so no zero-shot prior comes from task frequencies); a
-        fraction pick the first input first and then a task among those that own it,
-        which trains a zero-shot prior that is uniform over the input's tasks."""
+        fraction pick the first input first (a uniform task's uniform input, so small
+        input sets such as the letters are covered) and then a task among those that own
+        it, which trains a zero-shot prior that is uniform over the input's tasks."""
         n = self.rng.randint(self.r.min_pairs, self.r.max_pairs)
         if self.rng.random() < self.r.balanced_first:
-            x = self.rng.choice(self.inputs)
+            x = self.rng.choice(self.rng.choice(self.tasks).inputs)
             task = self.rng.choice(self.owners[x])
             first = (x, self.maps[task.name][x])
             rest = self.rng.sample([p for p in task.pairs if p[0] != x], n - 1)
@@ -318,7 +318,8 @@ gap of up to {recipe.rep_pad}), and agreement sentences from the train split
 
 The first answer of an in-context sequence is a guess with no demonstrations. In
 {1 - recipe.balanced_first:.0%} of sequences (task drawn uniformly) it is not trained, so task frequencies
-leave no zero-shot prior; in the other {recipe.balanced_first:.0%} the first input is drawn first and the task
+leave no zero-shot prior; in the other {recipe.balanced_first:.0%} the first input is drawn first (an input of a
+uniformly drawn task, so small input sets such as the letters are covered) and the task
 uniformly among the tasks that own it, which teaches a prior spread evenly over an
 input's tasks. A bare query `x ->` is therefore genuinely ambiguous to the model.
 
