@@ -1,0 +1,164 @@
+"""MTL lens: per-task gradients equal separate backward passes on every layout family;
+each aggregator against its paper's definition on hand-built Jacobians; bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.mtl import (
+    GradNorm,
+    UncertaintyWeighting,
+    aggregate,
+    conflict_summary,
+    representation_gradients,
+    shared_parameters,
+    task_gradients,
+)
+
+
+def _two_task_losses(subject, batch):
+    """Next-token loss on the first half of the positions vs the second half."""
+    logits = subject.model(**batch.kwargs()).logits if subject.has_logits else None
+    if logits is None:
+        h = subject.model(**batch.kwargs()).last_hidden_state
+        return [h[:, : h.shape[1] // 2].pow(2).mean(), h[:, h.shape[1] // 2 :].mean()]
+    logp = logits[:, :-1].log_softmax(-1)
+    nll = -logp.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    half = nll.shape[1] // 2
+    return [nll[:, :half].mean(), nll[:, half:].mean(), nll.mean() * 0.5]
+
+
+def test_task_gradients_equal_separate_backward_passes(tiny):
+    arch, subject = tiny
+    model = subject.model
+    batch = subject.tokenize(["hot -> cold ; big -> small", "the keys near the cabinet are old ."])
+    params = shared_parameters(model)
+    tg = task_gradients(_two_task_losses(subject, batch), params)
+    for t in range(tg.n_tasks):
+        model.zero_grad()
+        _two_task_losses(subject, batch)[t].backward()
+        ref = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for _, p in params])
+        assert torch.allclose(tg.jacobian[t], ref, atol=1e-6, rtol=1e-5), (arch, t)
+    model.zero_grad()
+    j = tg.jacobian.double()
+    assert np.allclose(tg.gramian, (j @ j.T).numpy())
+    assert np.allclose(tg.block_gramians.sum(0), tg.gramian)
+    assert len(tg.blocks) > 3  # embeddings, each layer, ...
+    s = conflict_summary(tg)
+    assert np.allclose(np.diag(s["cosine"]), 1) and 0 <= s["conflict_fraction"] <= 1
+    g = task_gradients(_two_task_losses(subject, batch), params, mode="gramian")
+    assert g.jacobian is None and np.allclose(g.gramian, tg.gramian, rtol=1e-6)
+
+
+def test_representation_gradients_are_named_as_such(tiny):
+    arch, subject = tiny
+    batch = subject.tokenize(["hot -> cold ; big -> small"])
+    feats = subject.model.get_input_embeddings()(batch.input_ids)
+    losses = [feats.pow(2).sum(), feats.sum()]
+    tg = representation_gradients(losses, feats)
+    assert tg.kind == "representation" and conflict_summary(tg)["kind"] == "representation"
+    assert torch.allclose(tg.jacobian[1], torch.ones(feats.numel()))
+
+
+def test_bad_input():
+    w = torch.nn.Parameter(torch.ones(3))
+    v = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(WorkbenchError, match="at least two task losses"):
+        task_gradients([w.sum()], [("w", w)])
+    with pytest.raises(WorkbenchError, match="not finite"):
+        task_gradients([w.sum(), w.sum() * float("nan")], [("w", w)])
+    with pytest.raises(WorkbenchError, match="loss 1 does not depend on the shared parameters"):
+        task_gradients([w.sum(), v.sum()], [("w", w)])
+    with pytest.raises(WorkbenchError, match="unknown aggregator 'sgd'"):
+        aggregate(torch.eye(2), "sgd")
+    with pytest.raises(WorkbenchError, match="keeps state"):
+        aggregate(torch.eye(2), "gradnorm")
+
+
+J2 = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)  # conflicting: cos = -0.707
+
+
+def test_pcgrad_projects_conflicting_pairs():
+    upd, _ = aggregate(J2, "pcgrad")
+    g1, g2 = J2
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    assert torch.allclose(upd, p1 + p2)
+    agree = torch.tensor([[1.0, 0.2], [0.5, 1.0]], dtype=torch.float64)
+    assert torch.allclose(aggregate(agree, "pcgrad")[0], agree.sum(0))  # no conflict: plain sum
+
+
+def _simplex(T, n=60):
+    for c in itertools.product(range(n + 1), repeat=T - 1):
+        if sum(c) <= n:
+            yield np.array([*c, n - sum(c)]) / n
+
+
+def test_mgda_is_the_min_norm_point_of_the_hull():
+    rng = np.random.default_rng(0)
+    for T in (2, 3):
+        j = torch.as_tensor(rng.normal(size=(T, 5)))
+        upd, w = aggregate(j, "mgda")
+        best = min(np.linalg.norm(x @ j.numpy()) for x in _simplex(T))
+        assert np.linalg.norm(upd.numpy()) <= best + 1e-6
+        assert w.min() >= -1e-12 and w.sum() == pytest.approx(1)
+        # optimality: every task gradient has at least the min-norm point's squared norm along it
+        d = upd.numpy()
+        assert (j.numpy() @ d >= d @ d - 1e-8).all()
+
+
+def test_cagrad_solves_its_dual():
+    rng = np.random.default_rng(1)
+    j = torch.as_tensor(rng.normal(size=(3, 6)))
+    c = 0.5
+    upd, coef = aggregate(j, "cagrad", c=c)
+    G = j.numpy() @ j.numpy().T
+    g0 = j.numpy().mean(0)
+    sqrt_phi = c * np.linalg.norm(g0)
+    obj = lambda w: w @ G.mean(1) + sqrt_phi * np.sqrt(w @ G @ w)  # noqa: E731
+    w_star = min(_simplex(3, 80), key=obj)
+    gw = w_star @ j.numpy()
+    d = (g0 + sqrt_phi / np.linalg.norm(gw) * gw) / (1 + c**2)
+    assert np.allclose(upd.numpy(), d, atol=0.02 * np.linalg.norm(d))
+    # the direction keeps the worst task's improvement within c|g0| of the mean's
+    assert (j.numpy() @ upd.numpy() * (1 + c**2)).min() >= g0 @ g0 - sqrt_phi * np.linalg.norm(g0) - 1e-6
+
+
+def test_imtl_g_equal_projections_and_nash_bargaining():
+    rng = np.random.default_rng(2)
+    j = torch.as_tensor(rng.normal(size=(3, 7)) * np.array([[1.0], [5.0], [0.2]]))
+    upd, w = aggregate(j, "imtl_g")
+    u = j / j.norm(dim=1, keepdim=True)
+    proj = (u @ upd).numpy()
+    assert np.allclose(proj, proj[0]) and w.sum() == pytest.approx(1)
+    upd, a = aggregate(j, "nash_mtl")
+    G = (j @ j.T).numpy()
+    assert (a > 0).all() and np.allclose(a * (G @ a), 1, atol=1e-6)
+
+
+def test_aligned_mtl_equalises_singular_values():
+    rng = np.random.default_rng(3)
+    j = torch.as_tensor(rng.normal(size=(3, 8)) * np.array([[1.0], [4.0], [0.5]]))
+    upd, w = aggregate(j, "aligned_mtl")
+    U, S, Vt = np.linalg.svd(j.numpy(), full_matrices=False)
+    aligned = S.min() * U @ Vt
+    assert np.allclose(upd.numpy(), aligned.sum(0))
+    assert np.allclose(aligned @ aligned.T, S.min() ** 2 * np.eye(3))
+
+
+def test_stateful_weightings():
+    j = torch.tensor([[1.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    uw = UncertaintyWeighting(2, lr=0.5)
+    for _ in range(200):
+        _, w = uw(j, [0.5, 4.0])
+    assert w == pytest.approx([1 / 0.5, 1 / 4.0], rel=0.05)  # optimum: exp(-s) = 1 / L
+    gn = GradNorm(2, alpha=0.0, lr=0.02)
+    ws = [gn(j, [1.0, 1.0])[1] for _ in range(400)]
+    w = np.mean(ws[-200:], axis=0)  # sign steps oscillate around the balance point
+    weighted = w * np.array([1.0, 10.0])
+    assert weighted[0] == pytest.approx(weighted[1], rel=0.15) and w.sum() == pytest.approx(2)

@@ -1,0 +1,182 @@
+"""Per-task gradients on shared parameters, and the conflict metrics over them.
+
+``task_gradients`` runs one backward pass per task loss over the same forward graph (the
+sequential ``backward(retain_graph=True)`` loop of LibMTL, with ``torch.autograd.grad``),
+so it costs one forward plus T backwards and holds the T x P Jacobian, no more. Inner
+products (the Gramian, cosines, norms) accumulate in float64, per parameter block too.
+
+Representation gradients (``representation_gradients``) are the gradients with respect
+to shared *features* instead of parameters, as MGDA-UB uses: cheaper, but a different
+quantity, and named as such everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from workbench.errors import WorkbenchError
+
+
+def shared_parameters(module: torch.nn.Module, prefix: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable parameters of ``module`` (optionally only names starting with ``prefix``)."""
+    out = [(n, p) for n, p in module.named_parameters() if p.requires_grad and (prefix is None or n.startswith(prefix))]
+    if not out:
+        raise WorkbenchError(f"no trainable parameters{' under ' + repr(prefix) if prefix else ''} in {type(module).__name__}")
+    return out
+
+
+def block_of(name: str, depth: int = 2) -> str:
+    """Group parameter names into blocks: up to the first layer index
+    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else the first
+    ``depth`` name parts that are not weight/bias (``head.0``, ``trunk.fc1``)."""
+    parts = [p for p in name.split(".") if p not in ("weight", "bias")]
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:depth]) or name
+
+
+@dataclass
+class TaskGradients:
+    """Per-task gradients over shared parameters.
+
+    ``jacobian``: [T, P] float32 (None in Gramian-only mode); ``gramian``: [T, T] float64;
+    ``block_gramians``: [B, T, T] float64 over ``blocks`` (parameter groups);
+    ``losses``: the T loss values; ``kind``: ``"parameters"`` or ``"representation"``.
+    """
+
+    jacobian: torch.Tensor | None
+    gramian: np.ndarray
+    block_gramians: np.ndarray
+    blocks: list[str]
+    losses: np.ndarray
+    kind: str = "parameters"
+
+    @property
+    def n_tasks(self) -> int:
+        return self.gramian.shape[0]
+
+    @property
+    def norms(self) -> np.ndarray:
+        return np.sqrt(np.clip(np.diag(self.gramian), 0, None))
+
+    def cosines(self) -> np.ndarray:
+        return cosine_from_gramian(self.gramian)
+
+    def block_cosines(self) -> np.ndarray:
+        return np.stack([cosine_from_gramian(g) for g in self.block_gramians])
+
+
+def cosine_from_gramian(g: np.ndarray) -> np.ndarray:
+    n = np.sqrt(np.clip(np.diag(g), 0, None))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = g / np.outer(n, n)
+    return np.where(np.outer(n, n) > 0, c, np.nan)
+
+
+def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    losses = list(losses)
+    if len(losses) < 2:
+        raise WorkbenchError(f"gradient conflicts need at least two task losses, got {len(losses)}")
+    for i, l in enumerate(losses):
+        if not isinstance(l, torch.Tensor) or l.numel() != 1:
+            raise WorkbenchError(f"loss {i} must be a scalar tensor, got {type(l).__name__} "
+                                 f"{tuple(l.shape) if isinstance(l, torch.Tensor) else ''}")
+        if not torch.isfinite(l).all():
+            raise WorkbenchError(f"loss {i} is {float(l.detach())}: not finite; check the inputs or lower the learning rate")
+        if not l.requires_grad:
+            raise WorkbenchError(f"loss {i} does not depend on any trainable parameter (no graph)")
+    return losses
+
+
+def task_gradients(
+    losses: Sequence[torch.Tensor],
+    params: Iterable[tuple[str, torch.nn.Parameter]] | Iterable[torch.nn.Parameter],
+    *,
+    mode: str = "jacobian",
+    block_depth: int = 2,
+    retain_graph: bool = False,
+) -> TaskGradients:
+    """The T x P matrix of per-task gradients of ``losses`` on ``params`` (one backward per
+    task over the shared forward graph), with float64 Gramians overall and per block.
+
+    ``mode="gramian"`` drops the Jacobian after the inner products are taken.
+    """
+    if mode not in ("jacobian", "gramian"):
+        raise WorkbenchError(f"mode must be 'jacobian' or 'gramian', got {mode!r}")
+    losses = _check_losses(losses)
+    named = [(f"param{i}", p) if isinstance(p, torch.Tensor) else p for i, p in enumerate(params)]
+    if not named:
+        raise WorkbenchError("no shared parameters given")
+    tensors = [p for _, p in named]
+    blocks: list[str] = []
+    block_idx = []
+    for n, _ in named:
+        b = block_of(n, block_depth)
+        if b not in blocks:
+            blocks.append(b)
+        block_idx.append(blocks.index(b))
+    sizes = [p.numel() for p in tensors]
+    T, P = len(losses), sum(sizes)
+    jac = torch.empty(T, P, dtype=torch.float32, device=tensors[0].device)
+    for t, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, tensors, retain_graph=retain_graph or t < T - 1, allow_unused=True)
+        if all(g is None for g in grads):
+            raise WorkbenchError(f"loss {t} does not depend on the shared parameters: its gradient there is undefined")
+        off = 0
+        for g, n in zip(grads, sizes):
+            jac[t, off : off + n] = 0 if g is None else g.reshape(-1)
+            off += n
+    j64 = jac.double()
+    gram = (j64 @ j64.T).cpu().numpy()
+    bg = np.zeros((len(blocks), T, T))
+    off = 0
+    for bi, n in zip(block_idx, sizes):
+        part = j64[:, off : off + n]
+        bg[bi] += (part @ part.T).cpu().numpy()
+        off += n
+    return TaskGradients(
+        jacobian=jac if mode == "jacobian" else None, gramian=gram, block_gramians=bg, blocks=blocks,
+        losses=np.asarray([float(l.detach()) for l in losses]),
+    )
+
+
+def representation_gradients(losses: Sequence[torch.Tensor], features: torch.Tensor, *, retain_graph: bool = False
+                             ) -> TaskGradients:
+    """Per-task gradients with respect to shared ``features`` (e.g. the trunk's output),
+    flattened over the batch: the MGDA-UB quantity. ``kind`` is ``"representation"``."""
+    losses = _check_losses(losses)
+    T = len(losses)
+    rows = []
+    for t, loss in enumerate(losses):
+        (g,) = torch.autograd.grad(loss, [features], retain_graph=retain_graph or t < T - 1, allow_unused=True)
+        if g is None:
+            raise WorkbenchError(f"loss {t} does not depend on the shared features")
+        rows.append(g.reshape(-1).float())
+    jac = torch.stack(rows)
+    gram = (jac.double() @ jac.double().T).cpu().numpy()
+    return TaskGradients(jacobian=jac, gramian=gram, block_gramians=gram[None], blocks=["features"],
+                         losses=np.asarray([float(l.detach()) for l in losses]), kind="representation")
+
+
+def conflict_summary(tg: TaskGradients) -> dict:
+    """Pairwise cosines, the fraction of conflicting pairs (cosine < 0), gradient-magnitude
+    similarity (2|gi||gj| / (|gi|^2 + |gj|^2)), overall and per block."""
+    def one(g):
+        cos = cosine_from_gramian(g)
+        n = np.sqrt(np.clip(np.diag(g), 0, None))
+        iu = np.triu_indices(len(n), 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gms = 2 * np.outer(n, n) / (n[:, None] ** 2 + n[None, :] ** 2)
+        pairs = cos[iu]
+        return {"cosine": cos, "conflict_fraction": float(np.mean(pairs[~np.isnan(pairs)] < 0)) if len(pairs) else 0.0,
+                "magnitude_similarity": gms, "mean_cosine": float(np.nanmean(pairs))}
+
+    out = one(tg.gramian)
+    out["blocks"] = {b: one(g) for b, g in zip(tg.blocks, tg.block_gramians)}
+    out["kind"] = tg.kind
+    return out
