@@ -88,23 +88,26 @@ def test_attribution_is_the_first_order_term_of_the_ablation(tiny):
 
 
 def test_known_heads_matter_far_more_than_random_heads(tasklm):
+    """The previous-token heads (every induction head depends on them; the induction
+    heads themselves are redundant) matter far more than random pairs of other heads."""
+    from workbench.attention import head_scores
     from workbench.data import repeated_sequences
-    from workbench.zoo import checks
 
-    truth = checks.induction(tasklm)
-    ds = repeated_sequences(tasklm.tokenizer, 48, 20, seed=checks.EVAL_SEED)
+    ds = repeated_sequences(tasklm.tokenizer, 48, 20, seed=1)
     ids = torch.tensor(ds["input_ids"])
-    r = ablate_heads(tasklm, ids, [tuple(truth["induction_head"])], n_random=10)
+    scores = head_scores(tasklm, {"input_ids": ids}, kinds=["previous_token"], n_boot=0, control=False)
+    prev = [(l, h) for l in range(tasklm.n_layers) for h in range(tasklm.n_heads) if scores["score"][0, l, h] > 0.5]
+    assert 1 <= len(prev) <= 3
+    r = ablate_heads(tasklm, ids, prev, n_random=15)
     s = r.summary
-    assert s["effect"] > 1.0 and s["effect"] > 5 * abs(s["control_mean"])
-    scan = scan_heads(tasklm, ids)
-    top = np.argsort(scan["effect"], axis=None)[::-1][:2]
-    top = {(int(i // tasklm.n_heads), int(i % tasklm.n_heads)) for i in top}
-    assert tuple(truth["induction_head"]) in top
-    assert scan.attrs["spearman"] > 0.5
+    assert s["effect"] > 2.0 and s["control_p"] <= 0.1 and s["effect"] > 2 * s["control_mean"], s
+    scan = scan_heads(tasklm, ids, ig_steps=4)
+    top = np.argsort(scan["effect"], axis=None)[::-1][: len(prev)]
+    assert {(int(i // tasklm.n_heads), int(i % tasklm.n_heads)) for i in top} == set(prev)
+    assert scan.attrs["spearman"] > 0.5  # integrated gradients; the clean gradient saturates here
     curve = prune_curve(tasklm, ids, step=2)
-    assert list(curve["heads_removed"]) == list(range(0, 2 * tasklm.n_layers * tasklm.n_heads - 1, 2))[: len(curve["heads_removed"])]
-    assert tuple(truth["induction_head"]) in [tuple(h) for h in curve.attrs["order"][-3:]]
+    last = tasklm.n_layers * tasklm.n_heads - 1  # one head always stays
+    assert list(curve["heads_removed"]) == sorted(set(range(0, last, 2)) | {last})
     assert curve["metric"][-1] > curve["metric"][0] + 1.0
 
 
@@ -116,6 +119,10 @@ def test_task_accuracy_metric(tasklm):
     r = ablate_heads(tasklm, list(ds["prompt"]), [(1, 0)], metric=lambda lg, b: acc(lg, b).float(), n_random=3)
     assert r.summary["base"] >= 0.9  # the card's in-context accuracy
     assert 0.0 <= r.summary["ablated"] <= 1.0
+    # per-prompt answers line up in the batched scan too
+    scan = scan_heads(tasklm, list(ds["prompt"]), metric=lambda lg, b: acc(lg, b).float(), attribution=False)
+    one = ablate_heads(tasklm, list(ds["prompt"]), [(1, 0)], metric=lambda lg, b: acc(lg, b).float(), n_random=0)
+    assert scan["effect"][1, 0] == pytest.approx(one.summary["effect"])
 
 
 def test_bad_input(tiny):

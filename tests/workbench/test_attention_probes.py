@@ -45,15 +45,16 @@ def test_probe_shapes_on_every_family(tiny):
 
 def test_zoo_residual_decodes_the_in_context_task_and_beats_its_control(tasklm):
     """The last layer's residual at the query's arrow tells which task the demonstrations
-    set; the word-type control, which can only memorise the final token, cannot."""
+    set. Every prompt ends in "->", one word type: the control task is a constant label,
+    trivially learnt, so selectivity is judged against the majority baseline instead."""
     from workbench.data import icl_prompts
 
     tasks = ["antonym", "capitalize", "present_past", "singular_plural"]
     ds = icl_prompts(tasks, 3, 40, seed=11)
     r = probe(tasklm, list(ds["prompt"]), list(ds["task"]), components="resid")
     last = r.coord("component").index(f"resid.{tasklm.n_layers - 1}")
-    assert r["accuracy"][last] > 0.9
-    assert r["selectivity"][last] > 0.5  # every prompt ends in "->": the control is at chance
+    assert r["accuracy"][last] > 0.9 and r.attrs["majority"] < 0.3
+    assert r["control"][last] == 1.0
 
 
 def test_zoo_per_token_probe_finds_the_repeat(tasklm):
