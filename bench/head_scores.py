@@ -25,7 +25,7 @@ def _hooked(subject):
         d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
         act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=rot,
         rotary_base=int(c.rope_parameters.get("rope_theta", 10000)), parallel_attn_mlp=c.use_parallel_residual,
-        original_architecture="GPTNeoXForCausalLM", eps=c.layer_norm_eps, default_prepend_bos=False, device="cpu",
+        original_architecture="GPTNeoXForCausalLM", eps=c.layer_norm_eps, default_prepend_bos=True, device="cpu",
     )
     model = HookedTransformer(cfg, tokenizer=subject.tokenizer, default_padding_side="right")
     model.load_state_dict(convert_neox_weights(subject.model, cfg), strict=False)
@@ -69,6 +69,7 @@ def run() -> Table:
         tl = _hooked(lm)
         with torch.no_grad():
             assert torch.allclose(tl(ids[:4]), lm.model(input_ids=ids[:4]).logits, atol=1e-3), "TL model = HF model"
+        assert torch.equal(tl.to_tokens(texts[0])[0], ids[0]), "TL tokenizes the prompts to the same ids"
 
         def detect():
             from transformer_lens.head_detector import detect_head
