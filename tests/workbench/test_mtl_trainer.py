@@ -1,0 +1,88 @@
+"""The multi-task trainer: it learns MultiDigits, monitors conflicts every k steps,
+resumes exactly, stops on a non-finite loss; TAG affinity and task groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.mtl.trainer import MultiTaskTrainer, TrainingStopped, lookahead_affinity, task_groups, transfer
+from workbench.mtl.workloads import MultiDigitsNet, accuracy, batch_sampler, digit_losses, multidigits_tensors
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return multidigits_tensors("train", n=1200), multidigits_tensors("test", n=300)
+
+
+@pytest.mark.parametrize("agg", ["equal", "pcgrad", "mgda", "cagrad", "nash_mtl", "uncertainty"])
+def test_trainer_learns_both_digits_and_records_conflicts(digits, agg):
+    train, test = digits
+    tr = MultiTaskTrainer(MultiDigitsNet(), digit_losses(), batch_sampler(train, 64), aggregator=agg, lr=3e-3,
+                          monitor_every=20)
+    hist = tr.fit(300, progress=False)
+    acc = accuracy(tr.model, test)
+    assert acc["left"] > 0.8 and acc["right"] > 0.8, (agg, acc)
+    assert [r["step"] for r in hist] == list(range(0, 300, 20))
+    r = hist[-1]
+    assert np.allclose(np.diag(r["cosine"]), 1) and len(r["block_cosine"]) == len(r["blocks"]) >= 2
+    assert 0 <= r["conflict_fraction"] <= 1 and len(r["weights"]) == 2
+
+
+def test_resume_is_exact(tmp_path, digits):
+    train, _ = digits
+
+    def make(ck=None):
+        return MultiTaskTrainer(MultiDigitsNet(seed=1), digit_losses(), batch_sampler(train, 32, seed=2),
+                                aggregator="gradnorm", monitor_every=5, checkpoint=ck, checkpoint_every=10)
+
+    a = make()
+    a.fit(30, progress=False)
+    b = make(tmp_path / "ck.pt")
+    b.fit(20, progress=False)
+    c = make(tmp_path / "ck.pt")  # picks the checkpoint up
+    assert c.step_count == 20
+    c.fit(30, progress=False)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), c.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert [r["step"] for r in c.history] == [r["step"] for r in a.history]
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path, digits):
+    train, _ = digits
+    losses = digit_losses()
+    losses["right"] = lambda out, b: out.sum() * float("nan")
+    tr = MultiTaskTrainer(MultiDigitsNet(), losses, batch_sampler(train, 8), checkpoint=tmp_path / "ck.pt")
+    with pytest.raises(TrainingStopped, match="task 'right' has a non-finite loss.*step 0"):
+        tr.fit(5, progress=False)
+    assert not (tmp_path / "ck.pt").exists()
+
+
+def test_bad_setup(digits):
+    train, _ = digits
+    with pytest.raises(WorkbenchError, match="at least two tasks"):
+        MultiTaskTrainer(MultiDigitsNet(), {"left": digit_losses()["left"]}, batch_sampler(train, 8))
+    with pytest.raises(WorkbenchError, match="no parameters start with 'body'"):
+        MultiTaskTrainer(MultiDigitsNet(), digit_losses(), batch_sampler(train, 8), shared_prefix="body")
+    with pytest.raises(WorkbenchError, match="unknown aggregator"):
+        MultiTaskTrainer(MultiDigitsNet(), digit_losses(), batch_sampler(train, 8), aggregator="adam")
+
+
+def test_lookahead_affinity_on_a_quadratic():
+    """Two tasks pulling one weight apart: a step on one raises the other's loss."""
+    w = torch.nn.Parameter(torch.tensor([0.0]))
+    losses = lambda: [(w - 1).pow(2).sum() + 1, (w + 1).pow(2).sum() + 1]  # noqa: E731
+    j = torch.stack([torch.tensor([-2.0]), torch.tensor([2.0])])  # gradients at w = 0
+    z = lookahead_affinity(losses, [w], j, lr=0.1)
+    # step on task 0: w = 0.2 -> L0 = 1.64 (from 2), L1 = 2.44 (from 2)
+    assert z == pytest.approx(np.array([[1 - 1.64 / 2, 1 - 2.44 / 2], [1 - 2.44 / 2, 1 - 1.64 / 2]]))
+    assert float(w.detach()) == 0.0  # restored
+
+
+def test_task_groups_and_transfer():
+    z = np.array([[0, .5, -.2, -.1], [.4, 0, -.3, 0], [-.2, -.1, 0, .6], [0, -.2, .5, 0]])
+    assert task_groups(z, list("abcd")) == [["a", "b"], ["c", "d"]]
+    t = transfer({"a": 0.5, "b": 0.4}, {"a": 0.4, "b": 0.5})
+    assert t["a"] == pytest.approx(0.2) and t["b"] == pytest.approx(-0.25)
