@@ -109,6 +109,13 @@ def test_known_heads_matter_far_more_than_random_heads(tasklm):
     last = tasklm.n_layers * tasklm.n_heads - 1  # one head always stays
     assert list(curve["heads_removed"]) == sorted(set(range(0, last, 2)) | {last})
     assert curve["metric"][-1] > curve["metric"][0] + 1.0
+    # by exact importance, the last two heads standing are a previous-token and an induction head
+    exact = prune_curve(tasklm, ids, importance="exact")
+    ind = head_scores(tasklm, {"input_ids": ids}, kinds=["induction"], n_boot=0, control=False)["score"][0]
+    (l1, h1), (l2, h2) = [tuple(h) for h in exact.attrs["order"][-2:]]
+    assert {(l1, h1), (l2, h2)} & set(prev) and max(ind[l1, h1], ind[l2, h2]) > 0.5
+    with pytest.raises(WorkbenchError, match="importance must be"):
+        prune_curve(tasklm, ids, importance="random")
 
 
 def test_task_accuracy_metric(tasklm):

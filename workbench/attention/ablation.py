@@ -305,11 +305,19 @@ def prune_curve(
     metric: str | Metric = "loss",
     step: int = 1,
     max_heads: int | None = None,
+    importance: str = "gradient",
 ) -> PruneCurve:
-    """Greedy pruning (Michel et al., 2019): head importance is |d metric / d gate| for a
-    gate multiplying each head's output, estimated with the heads pruned so far masked;
-    the ``step`` least important heads go next, and the metric is measured after each
-    step."""
+    """Greedy pruning (Michel et al., 2019), ``step`` heads at a time, with the metric
+    measured after each step. Importance, re-estimated with the heads pruned so far
+    masked:
+
+    - ``"gradient"`` (the paper's): |d metric / d gate| for a gate multiplying each head's
+      output, one forward and backward pass per step; near zero for every head where the
+      metric saturates;
+    - ``"exact"``: the metric with each remaining head removed too, one forward per
+      remaining head per step."""
+    if importance not in ("gradient", "exact"):
+        raise WorkbenchError(f"importance must be 'gradient' or 'exact', got {importance!r}")
     metric = resolve_metric(metric)
     batch = subject.as_batch(inputs)
     if step < 1:
@@ -322,12 +330,18 @@ def prune_curve(
     sites = [f"z.{l}" for l in range(subject.n_layers)]
     m = batch.attention_mask[..., None]
     while len(removed) < max_heads:
-        patch = ab.patch(removed) if removed else None
-        acts, grads, _ = subject.gradients(batch, sites, metric, patch=patch)
         imp = np.full((subject.n_layers, subject.n_heads), np.inf)
-        for l, s in enumerate(sites):
-            # d metric / d gate_h at gate 1 = sum over positions of z_h . g_h
-            imp[l] = (((_metrics.upcast(acts[s]) * _metrics.upcast(grads[s])).sum(-1) * m).sum(1)).abs().mean(0).cpu().numpy()
+        if importance == "gradient":
+            patch = ab.patch(removed) if removed else None
+            acts, grads, _ = subject.gradients(batch, sites, metric, patch=patch)
+            for l, s in enumerate(sites):
+                # d metric / d gate_h at gate 1 = sum over positions of z_h . g_h
+                imp[l] = (((_metrics.upcast(acts[s]) * _metrics.upcast(grads[s])).sum(-1) * m).sum(1)).abs().mean(0).cpu().numpy()
+        else:
+            for l in range(subject.n_layers):
+                for h in range(subject.n_heads):
+                    if (l, h) not in removed:
+                        imp[l, h] = abs(_metric_value(subject, batch, metric, ab.patch(removed + [(l, h)])) - values[-1])
         for l, h in removed:
             imp[l, h] = np.inf
         take = np.argsort(imp, axis=None)[: min(step, max_heads - len(removed))]
@@ -340,6 +354,6 @@ def prune_curve(
     return PruneCurve(
         dims={"point": list(range(len(counts)))},
         data={"heads_removed": (("point",), np.asarray(counts)), "metric": (("point",), np.asarray(values))},
-        attrs={"order": order, "step": step},
-        provenance=provenance(subject, params={"step": step, "max_heads": max_heads}),
+        attrs={"order": order, "step": step, "importance": importance},
+        provenance=provenance(subject, params={"step": step, "max_heads": max_heads, "importance": importance}),
     )
