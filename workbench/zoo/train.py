@@ -229,7 +229,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % log_every == 0 or step == recipe.steps - 1:
-            history.append({"step": step, "loss": float(loss), "seconds": round(time.time() - t0, 1)})
+            history.append({"step": step, "loss": float(loss.detach()), "seconds": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{float(loss):.3f}")
         if (step + 1) % checkpoint_every == 0 and step + 1 < recipe.steps:
             _checkpoint(ckpt, recipe, model, opt, sampler, step + 1, time.time() - t0, history)
