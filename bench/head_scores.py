@@ -54,7 +54,7 @@ def run() -> Table:
 
     lm = workbench.load("tasklm", device="cpu")
     ids = torch.tensor(repeated_sequences(lm.tokenizer, 256, 32, seed=0)["input_ids"])  # 256 x 65
-    texts = [lm.tokenizer.decode(r[1:]) for r in ids]
+    texts = [" ".join(lm.tokenizer.convert_ids_to_tokens(r[1:])) for r in ids]  # decode() would merge "x ."
     assert torch.equal(lm.tokenize(texts).input_ids, ids), "prompts re-tokenize to the same ids"
     t = Table(f"All heads x 3 kinds on {ids.shape[0]} x {ids.shape[1]} tokens, tasklm (one CPU thread)",
               ["workbench", "detect_head", "HF loop", "HF forward"], unit="s")
