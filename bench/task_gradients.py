@@ -38,7 +38,7 @@ def run() -> Table:
         for i, l in enumerate(ls):
             model.zero_grad(set_to_none=True)
             l.backward(retain_graph=i < T - 1)
-            rows.append(torch.cat([p.grad.reshape(-1) for _, p in params]))
+            rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for _, p in params]))
         return torch.stack(rows)
 
     for T in (2, 4, 8):
