@@ -162,3 +162,14 @@ def test_stateful_weightings():
     w = np.mean(ws[-200:], axis=0)  # sign steps oscillate around the balance point
     weighted = w * np.array([1.0, 10.0])
     assert weighted[0] == pytest.approx(weighted[1], rel=0.15) and w.sum() == pytest.approx(2)
+
+
+def test_gramian_is_float64_accurate_without_a_float64_copy():
+    from workbench.mtl.gradients import _gram64
+
+    torch.manual_seed(0)
+    j = torch.randn(4, 1_000_000) * 1e-3 + 1e-4  # long rows: a plain float32 J J^T drifts
+    ref = (j.double() @ j.double().T).numpy()
+    err = np.abs(_gram64(j) - ref).max() / np.abs(ref).max()
+    plain = np.abs((j @ j.T).double().numpy() - ref).max() / np.abs(ref).max()
+    assert err < 1e-6 and plain > 10 * err

@@ -93,6 +93,20 @@ def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return losses
 
 
+CHUNK = 4096
+
+
+def _gram64(part: torch.Tensor) -> np.ndarray:
+    """J J^T of a [T, n] float32 slice, accurate to float64 without a float64 copy: float32
+    products over chunks of 4096 entries (short sums, small rounding error), the chunk
+    results summed in float64."""
+    out = torch.zeros(part.shape[0], part.shape[0], dtype=torch.float64)
+    for c in range(0, part.shape[1], CHUNK):
+        blk = part[:, c : c + CHUNK]
+        out += (blk @ blk.T).double().cpu()
+    return out.numpy()
+
+
 def task_gradients(
     losses: Sequence[torch.Tensor],
     params: Iterable[tuple[str, torch.nn.Parameter]] | Iterable[torch.nn.Parameter],
@@ -131,14 +145,12 @@ def task_gradients(
         for g, n in zip(grads, sizes):
             jac[t, off : off + n] = 0 if g is None else g.reshape(-1)
             off += n
-    j64 = jac.double()
-    gram = (j64 @ j64.T).cpu().numpy()
     bg = np.zeros((len(blocks), T, T))
     off = 0
     for bi, n in zip(block_idx, sizes):
-        part = j64[:, off : off + n]
-        bg[bi] += (part @ part.T).cpu().numpy()
+        bg[bi] += _gram64(jac[:, off : off + n])
         off += n
+    gram = bg.sum(0)
     return TaskGradients(
         jacobian=jac if mode == "jacobian" else None, gramian=gram, block_gramians=bg, blocks=blocks,
         losses=np.asarray([float(l.detach()) for l in losses]),
@@ -158,7 +170,7 @@ def representation_gradients(losses: Sequence[torch.Tensor], features: torch.Ten
             raise WorkbenchError(f"loss {t} does not depend on the shared features")
         rows.append(g.reshape(-1).float())
     jac = torch.stack(rows)
-    gram = (jac.double() @ jac.double().T).cpu().numpy()
+    gram = _gram64(jac)
     return TaskGradients(jacobian=jac, gramian=gram, block_gramians=gram[None], blocks=["features"],
                          losses=np.asarray([float(l.detach()) for l in losses]), kind="representation")
 
