@@ -1,0 +1,86 @@
+"""Per-task fine-tuning, cached merge evaluation, sweeps and aTLAS coefficients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.taskvec import TaskVector, merge
+from workbench.taskvec.finetune import MergeEvaluator, finetune, learn_coefficients, normalized_accuracy
+
+TASKS = ["capitalize", "first_letter", "antonym"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tasklm):
+    return {t: finetune(tasklm, t, steps=50, lr=1e-4, seed=0) for t in TASKS}
+
+
+@pytest.fixture(scope="module")
+def evaluator(tasklm, finetuned):
+    return MergeEvaluator(tasklm, finetuned, n=32)
+
+
+def test_finetune_is_seeded_and_leaves_the_subject_alone(tasklm):
+    before = {k: v.clone() for k, v in tasklm.model.state_dict().items()}
+    a = finetune(tasklm, "capitalize", steps=3, seed=0)
+    b = finetune(tasklm, "capitalize", steps=3, seed=0)
+    c = finetune(tasklm, "capitalize", steps=3, seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    assert all(torch.equal(v, tasklm.model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(WorkbenchError, match="unknown task 'nope'"):
+        finetune(tasklm, "nope")
+
+
+def test_finetuning_teaches_the_task(evaluator):
+    base = evaluator.accuracy_of()
+    for t in ("capitalize", "first_letter"):  # ambiguous zero-shot, so the base rarely does them
+        own = evaluator.single(t)[t]
+        assert own >= 0.9 and own > base[t] + 0.5, (t, own, base[t])
+    # coefficient 0 is the base model
+    assert evaluator.single("capitalize", 0.0) == base
+
+
+@pytest.mark.parametrize("method,kw", [("task_arithmetic", dict(lam=0.7)), ("ties", dict(density=0.2)),
+                                       ("dare", dict(p=0.5, seed=3)), ("dare_ties", dict(p=0.5, seed=3))])
+def test_cached_merge_equals_merge(evaluator, tasklm, finetuned, method, kw):
+    base = evaluator.base
+    tvs = [TaskVector(base, finetuned[t], name=t) for t in TASKS]
+    want = merge(base, tvs, method, weights=[1.0, 0.5, -0.3], **kw)
+    got = evaluator.merged(method, [1.0, 0.5, -0.3], **kw)
+    for k in evaluator.keys:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+
+def test_sweep_and_normalized_accuracy(evaluator):
+    sw = evaluator.sweep([0.0, 0.5, 1.0])
+    assert sw["accuracy"].shape == (3, 3) and sw.coord("task") == TASKS
+    assert sw["accuracy"][0].tolist() == [evaluator.accuracy_of()[t] for t in TASKS]
+    assert sw["mean"][1] == pytest.approx(sw["accuracy"][1].mean())
+    assert sw.best() in (0.0, 0.5, 1.0)
+    assert normalized_accuracy({"a": 0.45, "b": 1.0}, {"a": 0.9, "b": 1.0}) == {"a": 0.5, "b": 1.0}
+
+
+def test_atlas_coefficients_learn(evaluator):
+    res = learn_coefficients(evaluator, n_val=8, steps=15, lr=0.05, seed=0)
+    assert res["coefficient"].shape == (len(res.coord("block")), 3)
+    assert res.coord("block")[0] == "embed" and "layer 1" in res.coord("block")
+    loss = res["loss"]
+    assert loss[-1] < loss[0]
+    w = res.weights_by_tensor(evaluator.keys)
+    acc = evaluator.accuracy("task_arithmetic", w)
+    assert set(acc) == set(TASKS)
+    assert np.mean(list(acc.values())) >= np.mean(list(evaluator.accuracy("task_arithmetic", [0.3] * 3).values())) - 0.1
+
+
+def test_tiny_families(tiny):
+    arch, subject = tiny
+    if not subject.causal:
+        pytest.skip("zero-shot next-token accuracy needs a causal LM")
+    ft = finetune(subject, "capitalize", steps=2, lr=1e-3, seed=0, batch_size=4)
+    ev = MergeEvaluator(subject, {"capitalize": ft}, tasks=["capitalize", "antonym"], n=4)
+    acc = ev.accuracy("ties", density=0.5)
+    assert set(acc) == {"capitalize", "antonym"} and all(0.0 <= a <= 1.0 for a in acc.values())

@@ -1,0 +1,231 @@
+"""Weight-space task vectors: each merge method against its definition on hand-made
+tensors, lazy safetensors reading, bad input, diagnostics with known answers."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import make_tiny
+from workbench.errors import WorkbenchError
+from workbench.taskvec import TaskVector, diagnose, load_state, merge, to_mergekit_yaml, trim_topk
+from workbench.taskvec.weights import Checkpoint, dare_drop, elect_and_mean, save_pretrained
+
+T = torch.tensor
+
+
+def _tvs(*deltas, key="w"):
+    base = {key: torch.zeros(len(deltas[0]))}
+    return base, [TaskVector(base, {key: base[key] + T(d)}, name=f"t{i}") for i, d in enumerate(deltas)]
+
+
+D1 = [3.0, -1.0, 0.5, 2.0, -4.0, 1.0]
+D2 = [-2.0, 2.0, 1.0, -3.0, -1.0, 0.2]
+D3 = [2.5, -3.0, -2.0, 1.0, 5.0, 0.1]
+
+
+def test_trim_keeps_top_k_by_magnitude():
+    assert torch.equal(trim_topk(T(D1), 0.5), T([3.0, 0, 0, 2.0, -4.0, 0]))
+    assert torch.equal(trim_topk(T(D2), 0.5), T([-2.0, 2.0, 0, -3.0, 0, 0]))
+    assert torch.equal(trim_topk(T(D3), 0.5), T([2.5, -3.0, 0, 0, 5.0, 0]))
+    # ties at the threshold are all kept (documented): k = 2 but three entries share |1|
+    assert torch.equal(trim_topk(T([1.0, -1.0, 1.0, 0.5]), 0.5), T([1.0, -1.0, 1.0, 0.0]))
+    assert torch.equal(trim_topk(T([1.0, 2.0]), 1.0), T([1.0, 2.0]))
+    assert torch.equal(trim_topk(T([1.0, 2.0, 3.0]), 0.2), torch.zeros(3))  # k = int(0.6) = 0
+    x = torch.randn(7, 11, generator=torch.Generator().manual_seed(0))
+    kept = trim_topk(x, 0.3)
+    k = int(0.3 * 77)
+    assert int((kept != 0).sum()) == k
+    assert kept.abs().max() == x.abs().max() and set(kept[kept != 0].tolist()) == set(x.flatten()[x.abs().flatten().argsort(descending=True)[:k]].tolist())
+
+
+def test_ties_trim_elect_disjoint_mean():
+    base, tvs = _tvs(D1, D2, D3)
+    out = merge(base, tvs, "ties", density=0.5)["w"]
+    # trimmed: [3,0,0,2,-4,0], [-2,2,0,-3,0,0], [2.5,-3,0,0,5,0]; sums [3.5,-1,0,-1,1,0]
+    # elected [+,-,+(0),-,+,+(0)]; agreeing means: (3+2.5)/2, -3, 0, -3, 5, 0
+    assert torch.allclose(out, T([2.75, -3.0, 0.0, -3.0, 5.0, 0.0]))
+    # weights enter the election and the divisor: weighted [3,0,0,2,-4,0], [-4,4,0,-6,0,0], [2.5,-3,0,0,5,0]
+    out = merge(base, tvs, "ties", density=0.5, weights=[1, 2, 1], lam=0.5)["w"]
+    assert torch.allclose(out, 0.5 * T([2.75, 2.0, 0.0, -3.0, 5.0, 0.0]))
+    # density 1: no trim, only election: sums [3.5,-2,-0.5,0,0,1.3] elect [+,-,-,+,+,+]
+    out = merge(base, tvs, "ties", density=1.0)["w"]
+    assert torch.allclose(out, T([2.75, -2.0, -2.0, 1.5, 5.0, (1.0 + 0.2 + 0.1) / 3]))
+
+
+def test_elect_zero_sum_picks_plus_and_zeros_never_agree():
+    w = T([1.0, 1.0])
+    assert torch.equal(elect_and_mean(T([[2.0, 0.0], [-2.0, 0.0]]), w), T([2.0, 0.0]))
+
+
+def test_task_arithmetic_definition_and_algebra():
+    base = {"a": T([1.0, 2.0]), "b": T([[0.5]]), "steps": T([3])}
+    fa = {"a": T([2.0, 2.0]), "b": T([[1.5]]), "steps": T([3])}
+    fb = {"a": T([1.0, 0.0]), "b": T([[0.0]]), "steps": T([3])}
+    ta, tb = TaskVector(base, fa, name="A"), TaskVector(base, fb, name="B")
+    assert ta.keys() == ["a", "b"]  # integer buffers are not part of a task vector
+    assert torch.equal((ta + tb)["a"], T([1.0, -2.0]))
+    assert torch.equal((ta - tb)["b"], T([[1.5]]))
+    assert torch.equal((-ta)["a"], T([-1.0, 0.0])) and torch.equal((2 * ta)["b"], T([[2.0]]))
+    assert torch.equal((ta * 0.5 + tb / 2)["a"], T([0.5, -1.0]))
+    out = merge(base, [ta, tb], weights=[0.5, 2.0], lam=2.0)
+    assert torch.allclose(out["a"], base["a"] + 2.0 * (0.5 * T([1.0, 0.0]) + 2.0 * T([0.0, -2.0])))
+    assert torch.equal(out["steps"], base["steps"])
+    assert torch.equal(ta.apply_to(base)["a"], fa["a"])
+    # per-tensor weights (aTLAS style)
+    out = merge(base, [ta, tb], weights={"a": [1.0, 0.0], "b": [0.0, 1.0]})
+    assert torch.equal(out["a"], fa["a"]) and torch.equal(out["b"], fb["b"])
+    assert ta.norm() == pytest.approx(math.sqrt(1 + 1))
+
+
+def test_dare_keeps_the_expectation():
+    n = 200_000
+    base = {"w": torch.zeros(n)}
+    tv = TaskVector(base, {"w": torch.full((n,), 2.0)})
+    out = merge(base, [tv], "dare", p=0.9, seed=1)["w"]
+    kept = out != 0
+    assert set(out.unique().tolist()) == {0.0, 20.0}  # survivors rescaled by 1/(1-p)
+    assert abs(float(kept.float().mean()) - 0.1) < 4 * math.sqrt(0.09 / n)
+    # entry std is 2*sqrt(p/(1-p)) = 6, so the mean's is 6/sqrt(n)
+    assert abs(float(out.mean()) - 2.0) < 4 * 6 / math.sqrt(n)
+    # seeded: same seed same mask, other seed another mask
+    assert torch.equal(out, merge(base, [tv], "dare", p=0.9, seed=1)["w"])
+    assert not torch.equal(out, merge(base, [tv], "dare", p=0.9, seed=2)["w"])
+    # averaged over many seeds each entry's expectation is its delta
+    d = T([1.0, -2.0, 3.0])
+    mean = torch.stack([dare_drop(d, 0.5, torch.Generator().manual_seed(s)) for s in range(4000)]).mean(0)
+    assert torch.allclose(mean, d, atol=4 * 3.0 / math.sqrt(4000))
+
+
+def test_dare_ties_is_drop_then_election():
+    base, tvs = _tvs(D1, D2, D3)
+    out = merge(base, tvs, "dare_ties", p=0.5, seed=3)["w"]
+    gens = [torch.Generator().manual_seed(__import__("workbench.taskvec.weights", fromlist=["x"])._key_seed(3, "w", t))
+            for t in range(3)]
+    dropped = torch.stack([dare_drop(T(d), 0.5, g) for d, g in zip((D1, D2, D3), gens)])
+    assert torch.allclose(out, elect_and_mean(dropped, torch.ones(3)))
+    assert torch.allclose(merge(base, tvs, "dare", p=0.0)["w"], T(D1) + T(D2) + T(D3))
+
+
+def test_key_and_shape_mismatch_are_named():
+    base = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    with pytest.raises(WorkbenchError, match=r"only in 'base': \['b'\].*only in 'ft': \['c'\]"):
+        TaskVector(base, {"a": torch.zeros(2), "c": torch.zeros(3)}, name="ft")
+    with pytest.raises(WorkbenchError, match=r"tensor 'b' has shape \[3\] in 'base' but \[4\] in 'ft'"):
+        TaskVector(base, {"a": torch.zeros(2), "b": torch.zeros(4)}, name="ft")
+    tv = TaskVector(base, {"a": torch.ones(2), "b": torch.ones(3)})
+    with pytest.raises(WorkbenchError, match="hold different tensors"):
+        tv + TaskVector.from_deltas({"a": torch.ones(2)})
+    with pytest.raises(WorkbenchError, match="unknown merge method 'avg'; valid: task_arithmetic, ties, dare, dare_ties"):
+        merge(base, [tv], "avg")
+    with pytest.raises(WorkbenchError, match="unknown merge parameters"):
+        merge(base, [tv], "ties", dens=0.2)
+    with pytest.raises(WorkbenchError, match="one weight per task vector"):
+        merge(base, [tv], weights=[1, 2])
+
+
+def test_different_architectures_rejected(word_tokenizer):
+    gpt2, llama = make_tiny("gpt2", word_tokenizer), make_tiny("llama", word_tokenizer)
+    with pytest.raises(WorkbenchError, match="different architectures.*model_type: 'gpt2' vs 'llama'"):
+        TaskVector(gpt2, llama)
+    # without configs, the key sets give it away
+    with pytest.raises(WorkbenchError, match="look like different architectures"):
+        TaskVector(dict(gpt2.state_dict()), dict(llama.state_dict()))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert"])
+def test_tiny_models_round_trip_through_files(arch, word_tokenizer, tmp_path):
+    base = make_tiny(arch, word_tokenizer, seed=0)
+    ft = make_tiny(arch, word_tokenizer, seed=1)
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    lazy = TaskVector(str(tmp_path / "base"), str(tmp_path / "ft"))
+    eager = TaskVector(base, ft)
+    common = set(lazy.keys()) & set(eager.keys())  # files may rename (lm_head -> embed_out) or drop tied tensors
+    assert len(common) >= len(eager.keys()) - 2
+    for k in common:
+        assert torch.equal(lazy[k], eager[k])
+    # merged from files, written as a model directory, loaded by transformers: it is the fine-tune
+    merged = merge(str(tmp_path / "base"), [lazy], "task_arithmetic")
+    save_pretrained(merged, tmp_path / "base", tmp_path / "merged")
+    back = type(ft).from_pretrained(tmp_path / "merged")
+    for k, v in ft.state_dict().items():
+        assert torch.allclose(back.state_dict()[k], v, atol=1e-6), k
+    # merged from modules, copied into a module in place
+    fresh = make_tiny(arch, word_tokenizer, seed=2)
+    load_state(fresh, merge(base, [0.5 * eager], "task_arithmetic"))
+    for k, v in ft.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(fresh.state_dict()[k], (base.state_dict()[k] + v) / 2, atol=1e-6), k
+    lazy.save(tmp_path / "tv.safetensors")
+    again = TaskVector.load(tmp_path / "tv.safetensors")
+    assert all(torch.equal(again[k], lazy[k]) for k in lazy.keys())
+
+
+def test_nan_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path):
+    from safetensors.torch import save_file
+
+    base = {"a": torch.zeros(4), "b": torch.zeros(2)}
+    bad = {"a": T([0.0, float("nan"), 1.0, 0.0]), "b": torch.ones(2)}
+    save_file(bad, tmp_path / "bad.safetensors")
+    tv = TaskVector(base, str(tmp_path / "bad.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(WorkbenchError, match=r"tensor 'a' of checkpoint .*bad.safetensors' holds 1 NaN"):
+        merge(base, [tv], "ties", density=0.5, out=out)
+    assert sorted(os.listdir(tmp_path)) == ["bad.safetensors"]
+    model = torch.nn.Linear(2, 1)
+    before = model.weight.detach().clone()
+    with pytest.raises(WorkbenchError, match="holds 0 NaN and 1 infinite"):
+        load_state(model, {"weight": T([[1.0, float("inf")]]), "bias": T([0.0])})
+    assert torch.equal(model.weight, before)
+    with pytest.raises(WorkbenchError, match="no checkpoint at"):
+        Checkpoint(str(tmp_path / "missing"))
+
+
+def test_merge_writes_atomically(tmp_path):
+    base, tvs = _tvs(D1, D2)
+    out = tmp_path / "m.safetensors"
+    merged = merge(base, tvs, "ties", density=0.5, out=out)
+    back = Checkpoint(str(out))
+    assert torch.equal(back.get("w"), merged["w"]) and sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_mergekit_recipe(tmp_path, word_tokenizer):
+    for i, name in enumerate(["base", "ft_a", "ft_b"]):
+        make_tiny("llama", word_tokenizer, seed=i).save_pretrained(tmp_path / name)
+    a = TaskVector(str(tmp_path / "base"), str(tmp_path / "ft_a"))
+    b = TaskVector(str(tmp_path / "base"), str(tmp_path / "ft_b"))
+    rec = yaml.safe_load(to_mergekit_yaml(str(tmp_path / "base"), [a, -b], "ties", density=0.3, weights=[1.0, 0.5]))
+    assert rec["merge_method"] == "ties" and rec["base_model"] == str(tmp_path / "base")
+    assert [m["model"] for m in rec["models"]] == [str(tmp_path / "ft_a"), str(tmp_path / "ft_b")]
+    assert [m["parameters"] for m in rec["models"]] == [{"weight": 1.0, "density": 0.3}, {"weight": -0.5, "density": 0.3}]
+    assert rec["parameters"] == {"normalize": True, "lambda": 1.0}
+    rec = yaml.safe_load(to_mergekit_yaml(str(tmp_path / "base"), [a], "dare", p=0.9))
+    assert rec["merge_method"] == "dare_linear" and rec["models"][0]["parameters"]["density"] == pytest.approx(0.1)
+    assert rec["parameters"]["normalize"] is False
+    with pytest.raises(WorkbenchError, match="not on disk"):
+        to_mergekit_yaml({"w": torch.zeros(1)}, [a])
+
+
+def test_diagnostics_known_values():
+    base = {"h.0.w": torch.zeros(4), "h.1.w": torch.zeros(2)}
+    t1 = TaskVector(base, {"h.0.w": T([1.0, 2.0, 0.0, -1.0]), "h.1.w": T([3.0, 0.0])}, name="one")
+    t2 = TaskVector(base, {"h.0.w": T([1.0, -2.0, 5.0, 1.0]), "h.1.w": T([3.0, 0.0])}, name="two")
+    d = diagnose([t1, t2], densities=[0.25, 1.0])
+    assert d.coord("block") == ["layer 0", "layer 1"]
+    assert d["cosine"][0, 1] == pytest.approx(5 / math.sqrt(15 * 40))
+    assert d["cosine"][0, 0] == pytest.approx(1.0)
+    assert d["cosine_by_block"][0, 0, 1] == pytest.approx(-4 / math.sqrt(6 * 31))
+    assert d["cosine_by_block"][1, 0, 1] == pytest.approx(1.0)
+    # co-non-zero entries: 4, of which 2 have opposite signs
+    assert d["sign_conflict"][0, 1] == pytest.approx(0.5) and d["sign_conflict"][0, 0] == 0
+    assert float(d["sign_conflict_all"]) == pytest.approx(0.5)
+    # density 0.25: h.0 keeps its top 1 (|2|), h.1 keeps int(0.5) = 0 -> 2 of 7
+    assert d["topk_mass"][0].tolist() == pytest.approx([2 / 7, 1.0])
+    assert d["norm"].tolist() == pytest.approx([math.sqrt(15), math.sqrt(40)])
+    frame = d.to_frame(["cosine", "sign_conflict"])
+    assert len(frame) == 4
