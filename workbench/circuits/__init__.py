@@ -9,3 +9,13 @@ __all__ = [
     "ActivationBuffer", "SAE", "SAEEvaluation", "TensorStream", "TrainingLog", "collect", "evaluate_sae",
     "site_from_hook", "site_width", "train_sae",
 ]
+
+from workbench.circuits.attribution import (  # noqa: E402
+    CircuitGraph, Faithfulness, NodeEffects, ablated_metric, faithfulness, feature_means, find_circuit, node_effects,
+    spliced_run,
+)
+
+__all__ += [
+    "CircuitGraph", "Faithfulness", "NodeEffects", "ablated_metric", "faithfulness", "feature_means", "find_circuit",
+    "node_effects", "spliced_run",
+]
