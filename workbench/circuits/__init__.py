@@ -19,3 +19,12 @@ __all__ += [
     "CircuitGraph", "Faithfulness", "NodeEffects", "ablated_metric", "faithfulness", "feature_means", "find_circuit",
     "node_effects", "spliced_run",
 ]
+
+from workbench.circuits.features import (  # noqa: E402
+    FeatureFlow, FeatureSummary, Intervention, ablate_features, feature_flow, feature_summary, output_direction, steer,
+)
+
+__all__ += [
+    "FeatureFlow", "FeatureSummary", "Intervention", "ablate_features", "feature_flow", "feature_summary",
+    "output_direction", "steer",
+]
