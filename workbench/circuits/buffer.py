@@ -1,0 +1,229 @@
+"""Activations from a named site, streamed through a shuffled, memory-bounded buffer.
+
+``ActivationBuffer(subject, "resid_post.0", texts)`` runs the model over ``texts`` a few
+prompts at a time (one nnsight trace per batch, stopped right after the site), keeps the
+activations of real tokens (padding dropped, the first token too unless asked) in a
+buffer of at most ``capacity`` rows (plus one forward's worth while refilling), and yields shuffled batches of ``batch_size`` rows.
+When the buffer falls to half full it is refilled and reshuffled, so rows from many
+prompts mix while memory stays bounded. The stream cycles over the texts forever (an
+epoch reshuffles the prompt order) unless ``epochs`` is given.
+
+``state_dict()`` / ``load_state_dict()`` capture the whole stream (buffer rows, prompt
+cursor, random state), so a training run resumed from a checkpoint sees exactly the
+batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.memory import DEFAULT_BUDGET_BYTES, fmt_bytes
+
+# site kinds a dictionary can be trained on: one vector per token
+VECTOR_KINDS = ("embed", "resid_pre", "z", "attn_out", "mlp_out", "resid_post")
+
+
+def site_width(subject, site: str) -> int:
+    """Width of the per-token vector at ``site`` (d_model, or heads * d_head for ``z``)."""
+    s = check_vector_site(subject, site)
+    return subject.n_heads * subject.d_head if s.kind == "z" else subject.d_model
+
+
+def check_vector_site(subject, site: str):
+    """Parse ``site`` (unknown names list the valid ones) and require one vector per token."""
+    s = subject.site(site)
+    if s.kind not in VECTOR_KINDS:
+        valid = ["embed"] + [f"{k}.0..{subject.n_layers - 1}" for k in VECTOR_KINDS[1:]]
+        raise WorkbenchError(
+            f"site {s.name!r} does not hold one vector per token, so no dictionary can be trained on it; "
+            f"valid sites: {', '.join(valid)}"
+        )
+    return s
+
+
+def _kind(site) -> str:
+    return site.kind if hasattr(site, "kind") else str(site).split(".")[0]
+
+
+def flat(x: torch.Tensor, site) -> torch.Tensor:
+    """[batch, pos, ...] -> [batch, pos, width] (``z`` heads concatenated)."""
+    return x.reshape(*x.shape[:2], -1) if _kind(site) == "z" else x
+
+
+def unflat(x: torch.Tensor, site, subject) -> torch.Tensor:
+    """Inverse of :func:`flat`."""
+    if _kind(site) == "z":
+        return x.reshape(*x.shape[:2], subject.n_heads, subject.d_head)
+    return x
+
+
+def token_mask(batch, skip_first: bool) -> torch.Tensor:
+    """Real-token mask [batch, pos], with position 0 dropped when ``skip_first``."""
+    mask = batch.attention_mask.bool().clone()
+    if skip_first:
+        mask[:, 0] = False
+    return mask
+
+
+def collect(subject, site: str, texts: Sequence[str], *, batch_size: int = 32, skip_first: bool = True,
+            max_rows: int | None = None, max_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+    """All real-token activations at ``site`` over ``texts`` as one [rows, width] tensor
+    (float32, CPU). Errors before running if it would exceed ``max_bytes``."""
+    s = check_vector_site(subject, site)
+    width = site_width(subject, s.name)
+    texts = list(texts)
+    if not texts:
+        raise WorkbenchError("no texts to collect activations from")
+    rows = []
+    n = 0
+    for start in range(0, len(texts), batch_size):
+        batch = subject.tokenize(texts[start : start + batch_size])
+        est = (n + int(batch.attention_mask.sum())) * width * 4
+        if est > max_bytes:
+            raise WorkbenchError(
+                f"collecting {site} over {len(texts)} texts would take more than {fmt_bytes(max_bytes)}; "
+                "use an ActivationBuffer to stream them, pass fewer texts, or raise max_bytes"
+            )
+        x = flat(subject.cache(batch, [s.name])[s.name], s)
+        got = x[token_mask(batch, skip_first)].float().cpu()
+        rows.append(got)
+        n += len(got)
+        if max_rows is not None and n >= max_rows:
+            break
+    out = torch.cat(rows)
+    return out[:max_rows] if max_rows is not None else out
+
+
+class ActivationBuffer:
+    """Shuffled batches of token activations at one site, streamed from a model.
+
+    Parameters: ``capacity`` rows kept at most (checked against ``max_bytes``),
+    ``batch_size`` rows per yielded batch, ``prompt_batch_size`` prompts per forward,
+    ``skip_first`` drops position 0 (BOS, whose norm dwarfs the rest), ``epochs`` stops
+    after that many passes over the texts (default: cycle forever), ``seed`` fixes the
+    shuffles.
+    """
+
+    def __init__(
+        self,
+        subject,
+        site: str,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 256,
+        capacity: int = 16384,
+        prompt_batch_size: int = 32,
+        skip_first: bool = True,
+        epochs: int | None = None,
+        seed: int = 0,
+        max_bytes: int = DEFAULT_BUDGET_BYTES,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.subject = subject
+        self.site = check_vector_site(subject, site).name
+        self.width = site_width(subject, self.site)
+        self.texts = list(texts)
+        if not self.texts:
+            raise WorkbenchError("an ActivationBuffer needs at least one text")
+        if batch_size < 1 or capacity < 2 * batch_size:
+            raise WorkbenchError(
+                f"need batch_size >= 1 and capacity >= 2 * batch_size, got batch_size={batch_size}, capacity={capacity}"
+            )
+        need = capacity * self.width * torch.tensor([], dtype=dtype).element_size()
+        if need > max_bytes:
+            raise WorkbenchError(
+                f"a buffer of {capacity} rows x {self.width} would take {fmt_bytes(need)} (budget {fmt_bytes(max_bytes)}); "
+                "lower capacity or raise max_bytes"
+            )
+        self.batch_size = batch_size
+        self.capacity = capacity
+        self.prompt_batch_size = prompt_batch_size
+        self.skip_first = skip_first
+        self.epochs = epochs
+        self.dtype = dtype
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows = torch.empty(0, self.width, dtype=dtype)
+        self.order = torch.randperm(len(self.texts), generator=self.gen)
+        self.cursor = 0
+        self.epoch = 0
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ streaming
+
+    def _next_texts(self) -> list[str] | None:
+        if self.cursor >= len(self.texts):
+            self.epoch += 1
+            if self.epochs is not None and self.epoch >= self.epochs:
+                return None
+            self.order = torch.randperm(len(self.texts), generator=self.gen)
+            self.cursor = 0
+        idx = self.order[self.cursor : self.cursor + self.prompt_batch_size].tolist()
+        self.cursor += len(idx)
+        return [self.texts[i] for i in idx]
+
+    def refill(self) -> None:
+        """Run the model until the buffer is full (or the texts run out), then shuffle."""
+        parts = [self.rows]
+        n = len(self.rows)
+        while n < self.capacity:
+            texts = self._next_texts()
+            if texts is None:
+                break
+            batch = self.subject.tokenize(texts)
+            x = flat(self.subject.cache(batch, [self.site])[self.site], self.site)
+            got = x[token_mask(batch, self.skip_first)].detach().to("cpu", self.dtype)
+            parts.append(got)
+            n += len(got)
+            self.tokens_seen += len(got)
+        rows = torch.cat(parts)
+        self.rows = rows[torch.randperm(len(rows), generator=self.gen)]
+
+    def next_batch(self) -> torch.Tensor | None:
+        """The next [batch_size, width] batch (None once finite epochs are used up)."""
+        if len(self.rows) < self.capacity // 2 + self.batch_size:
+            self.refill()
+        if len(self.rows) < self.batch_size:
+            if len(self.rows) == 0:
+                return None
+            out, self.rows = self.rows, self.rows[:0]
+            return out
+        out, self.rows = self.rows[: self.batch_size], self.rows[self.batch_size :]
+        return out
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            b = self.next_batch()
+            if b is None:
+                return
+            yield b
+
+    def __next__(self) -> torch.Tensor:
+        b = self.next_batch()
+        if b is None:
+            raise StopIteration
+        return b
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "rows": self.rows.clone(),
+            "order": self.order.clone(),
+            "counters": torch.tensor([self.cursor, self.epoch, self.tokens_seen], dtype=torch.long),
+            "rng": self.gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["rows"].ndim != 2 or state["rows"].shape[1] != self.width:
+            raise WorkbenchError(f"buffer state has rows {tuple(state['rows'].shape)}; this buffer holds width {self.width}")
+        self.rows = state["rows"].to(self.dtype).clone()
+        self.order = state["order"].clone()
+        self.cursor, self.epoch, self.tokens_seen = (int(v) for v in state["counters"])
+        self.gen.set_state(state["rng"].clone())
+
+    def __repr__(self) -> str:
+        return (f"ActivationBuffer({self.site!r}, width={self.width}, rows={len(self.rows)}/{self.capacity}, "
+                f"texts={len(self.texts)}, epoch={self.epoch})")
