@@ -13,7 +13,7 @@ import yaml
 from tests.conftest import make_tiny
 from workbench.errors import WorkbenchError
 from workbench.taskvec import TaskVector, diagnose, load_state, merge, to_mergekit_yaml, trim_topk
-from workbench.taskvec.weights import Checkpoint, dare_drop, elect_and_mean, save_pretrained
+from workbench.taskvec.weights import Checkpoint, dare_drop, elect_and_mean, merge_tensor, save_pretrained
 
 T = torch.tensor
 
@@ -229,3 +229,80 @@ def test_diagnostics_known_values():
     assert d["norm"].tolist() == pytest.approx([math.sqrt(15), math.sqrt(40)])
     frame = d.to_frame(["cosine", "sign_conflict"])
     assert len(frame) == 4
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 18])
+def test_streamed_ties_equals_whole_tensor_merge(chunk, tmp_path, monkeypatch):
+    """TIES over big tensors runs in two passes (thresholds, then slices of ``_CHUNK``
+    entries re-read from the checkpoints); every entry must equal ``merge_tensor`` on the
+    whole tensors, including entries tied at the trim threshold, weights, lam, bf16."""
+    from safetensors.torch import save_file
+
+    import workbench.taskvec.weights as W
+
+    monkeypatch.setattr(W, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(9, 13, generator=g), "h": torch.randn(20, generator=g).to(torch.bfloat16),
+            "n": torch.arange(5)}
+    base["w"].view(-1)[:40] = 0.0
+    fts = []
+    for i in range(4):
+        ft = {k: (v + torch.randn(v.shape, generator=g).to(v.dtype) * 0.1) if v.is_floating_point() else v
+              for k, v in base.items()}
+        ft["w"].view(-1)[:40] = 0.25 * (-1) ** i  # 40 deltas of magnitude exactly 0.25
+        save_file(ft, tmp_path / f"ft{i}.safetensors")
+        fts.append(ft)
+    save_file(base, tmp_path / "base.safetensors")
+    b = str(tmp_path / "base.safetensors")
+    tvs = [TaskVector(b, str(tmp_path / f"ft{i}.safetensors")) for i in range(4)]
+    tvs[3] = tvs[3] - TaskVector(b, str(tmp_path / "ft0.safetensors"))  # a combination of two checkpoints
+    for density, weights, lam in [(0.2, [1.0, 1.0, 1.0, 1.0], 1.0), (0.3, [0.5, -2.0, 1.0, 0.7], 0.8), (0.0, None, 1.0),
+                                  (1.0, None, 1.0), (0.05, [1, 1, 1, 1], 1.0)]:
+        out = merge(b, tvs, "ties", density=density, weights=weights, lam=lam)
+        ref = merge(base, [TaskVector(base, ft) for ft in fts[:3]] + [TaskVector(base, fts[3]) - TaskVector(base, fts[0])],
+                    "ties", density=density, weights=weights, lam=lam)
+        for k in ("w", "h"):
+            want = merge_tensor(base[k], [tv[k] for tv in tvs], weights or [1.0] * 4, method="ties", density=density,
+                                lam=lam)
+            assert out[k].dtype == base[k].dtype and torch.equal(out[k], want), (k, density)
+            assert torch.equal(ref[k], want)
+        assert torch.equal(out["n"], base["n"])
+    # the ties at the threshold are all kept: density 0.3 of 117 entries keeps k = 35, yet 40 share |0.25|
+    d0 = tvs[0]["w"].reshape(-1)
+    above = int((d0[40:].abs() > 0.25).sum())
+    assert above < 35 and int((trim_topk(d0, 0.3) != 0).sum()) == 40 + above
+    assert int((out["w"] != base["w"]).sum()) > 0
+
+
+def test_safetensors_reader_and_writer_match_the_library(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from workbench.taskvec.weights import _SafetensorsFile, _write_safetensors
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+               "f16": torch.randn(2, 3, generator=g).half(), "f64": torch.randn(4, generator=g).double(),
+               "i64": torch.arange(6).view(2, 3), "u8": torch.arange(5, dtype=torch.uint8), "b": T([True, False]),
+               "scalar": T(2.5), "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "lib.safetensors")
+    ours = _SafetensorsFile(str(tmp_path / "lib.safetensors"))
+    assert sorted(ours.keys()) == sorted(tensors)
+    for k, v in tensors.items():
+        got = ours.read(k)
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+    assert torch.equal(ours.read("f32", 4, 11), tensors["f32"].reshape(-1)[4:11])
+    assert torch.equal(ours.read("bf16", 5, 99), tensors["bf16"][5:])
+    # what we write, the library reads back (values, dtypes, metadata)
+    _write_safetensors(tensors, str(tmp_path / "ours.safetensors"), {"note": "x"})
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        assert f.metadata() == {"note": "x"} and sorted(f.keys()) == sorted(tensors)
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    (tmp_path / "bad.safetensors").write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(WorkbenchError, match="not a readable safetensors file.*exceeds the file size"):
+        Checkpoint(str(tmp_path / "bad.safetensors"))
+    raw = (tmp_path / "lib.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-8])
+    with pytest.raises(WorkbenchError, match="lies outside the file"):
+        Checkpoint(str(tmp_path / "cut.safetensors"))

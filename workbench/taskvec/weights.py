@@ -2,10 +2,11 @@
 
 A :class:`TaskVector` is ``finetuned - base`` computed tensor by tensor, lazily: the two
 checkpoints may be state dicts, modules, Subjects, or safetensors files / directories read
-through ``safe_open`` one tensor at a time, so a model that does not fit twice in memory
-can still be differenced and merged. Task vectors add, subtract, negate and scale; each
-is kept as a linear combination of (fine-tuned, base) pairs, so nothing is materialised
-until a tensor is asked for.
+one tensor (or one slice of a tensor) at a time with positioned reads into buffers this
+process owns, never memory-mapped, so neither a model that does not fit twice in memory
+nor the page cache of the checkpoint files counts against the merge. Task vectors add,
+subtract, negate and scale; each is kept as a linear combination of (fine-tuned, base)
+pairs, so nothing is materialised until a tensor is asked for.
 
 ``merge(base, task_vectors, method=...)`` returns the merged state dict:
 
@@ -42,6 +43,14 @@ model and per block (embeddings, each layer, the rest), the pairwise sign-confli
 (of the entries where both are non-zero, the share whose signs differ), and the top-k
 mass (the share of a task vector's L1 mass kept by TIES's per-tensor trim at density k).
 
+Memory. TIES works on one tensor at a time in two passes: the first finds each task
+vector's trim threshold (one full delta at a time), the second re-reads the deltas in
+slices of ``_CHUNK`` entries and trims, elects and averages each slice. So besides the
+merged state the working set is about four copies of the largest tensor (its base, one
+delta, the delta's magnitudes and ``kthvalue``'s copy of them), whatever the number of
+task vectors; the result is the same as :func:`merge_tensor` on whole tensors
+(every operation is per entry or a reduction over the task axis).
+
 Bad input is a :class:`~workbench.errors.WorkbenchError` naming the tensor: checkpoints
 with different keys or shapes, of different architectures, or holding NaN / inf. A merge
 written to disk goes to a temporary file first, so a failure leaves nothing behind.
@@ -53,6 +62,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -64,6 +74,93 @@ from workbench.results import Result, provenance, register
 
 METHODS = ("task_arithmetic", "ties", "dare", "dare_ties")
 _SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_CHUNK = 1 << 18  # entries per slice in the second TIES pass (8 task vectors: 8 MB of float32)
+_ST_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+                     ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _ST_TORCH[_name] = getattr(torch, _attr)
+_TORCH_ST = {v: k for k, v in _ST_TORCH.items()}
+
+
+class _SafetensorsFile:
+    """One safetensors file read with positioned reads (``pread``-like) into fresh tensors.
+
+    The header is parsed once; ``read(key, lo, hi)`` copies entries ``lo:hi`` of the
+    flattened tensor (all of it by default) straight from the file into a buffer of its
+    own, so nothing stays mapped and only the tensors asked for occupy memory. Dtypes
+    this table does not know fall back to ``safetensors.safe_open``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fh = open(path, "rb", buffering=0)
+            size = os.fstat(self._fh.fileno()).st_size
+            head = self._fh.read(8)
+            if len(head) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(self._fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise WorkbenchError(f"{path!r} is not a readable safetensors file ({err})") from err
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        self.info: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for key, v in header.items():
+            try:
+                dt, shape = v["dtype"], tuple(int(x) for x in v["shape"])
+                begin, end = (int(x) for x in v["data_offsets"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise WorkbenchError(f"{path!r} is not a readable safetensors file (bad entry for {key!r})") from err
+            if self._start + end > size or begin > end:
+                raise WorkbenchError(f"{path!r} is not a readable safetensors file (tensor {key!r} lies outside the file)")
+            if dt in _ST_TORCH:
+                need = int(np.prod(shape, dtype=np.int64)) * _ST_TORCH[dt].itemsize
+                if end - begin != need:
+                    raise WorkbenchError(
+                        f"{path!r} is not a readable safetensors file (tensor {key!r} has {end - begin} bytes, "
+                        f"its shape and dtype need {need})"
+                    )
+            self.info[key] = (dt, shape, begin, end)
+        self._fallback = None
+
+    def keys(self) -> list[str]:
+        return list(self.info)
+
+    def read(self, key: str, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
+        dt, shape, begin, _ = self.info[key]
+        dtype = _ST_TORCH.get(dt)
+        if dtype is None or sys.byteorder != "little":
+            if self._fallback is None:
+                from safetensors import safe_open
+
+                self._fallback = safe_open(self.path, framework="pt")
+            t = self._fallback.get_tensor(key)
+            return t if lo is None and hi is None else t.reshape(-1)[lo:hi].clone()
+        whole = lo is None and hi is None
+        numel = int(np.prod(shape, dtype=np.int64))
+        lo, hi = max(0, lo or 0), min(numel, numel if hi is None else hi)
+        hi = max(lo, hi)
+        size = dtype.itemsize
+        buf = torch.empty((hi - lo) * size, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        pos, done = self._start + begin + lo * size, 0
+        while done < len(view):
+            self._fh.seek(pos + done)
+            got = self._fh.readinto(view[done:])
+            if not got:
+                raise WorkbenchError(f"{self.path!r} ended while reading tensor {key!r}; the file is truncated")
+            done += got
+        out = buf.view(dtype)
+        return out.reshape(shape) if whole else out
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -72,7 +169,8 @@ _SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 class Checkpoint:
     """Read-only named tensors: a state dict, a module, a Subject, a safetensors file,
     or a directory holding ``model.safetensors`` (or a sharded index). Tensors are read
-    one at a time; files are memory-mapped, never loaded whole."""
+    one at a time (or a slice at a time) with positioned reads; files are never mapped
+    or loaded whole."""
 
     def __init__(self, source: Any, name: str | None = None) -> None:
         self.path: str | None = None
@@ -128,14 +226,9 @@ class Checkpoint:
             files = {path: None}
         else:
             raise WorkbenchError(f"no checkpoint at {path!r}; pass a .safetensors file or a directory holding one")
-        from safetensors import safe_open
-
         self.path = path
         for file in files:
-            try:
-                handle = safe_open(file, framework="pt")
-            except Exception as err:
-                raise WorkbenchError(f"{file!r} is not a readable safetensors file ({err})") from err
+            handle = _SafetensorsFile(file)
             self._files[file] = handle
             for k in handle.keys():
                 self._where[k] = file
@@ -144,7 +237,7 @@ class Checkpoint:
         """Names of the floating-point tensors (integer buffers are not part of a task vector)."""
         if self._tensors is not None:
             return [k for k, v in self._tensors.items() if v.is_floating_point()]
-        return [k for k, f in self._where.items() if self._files[f].get_slice(k).get_dtype() in _SAFETENSORS_DTYPES]
+        return [k for k, f in self._where.items() if self._files[f].info[k][0] in _SAFETENSORS_DTYPES]
 
     def all_keys(self) -> list[str]:
         return list(self._tensors) if self._tensors is not None else list(self._where)
@@ -152,12 +245,19 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         if self._tensors is not None:
             return tuple(self._tensors[key].shape)
-        return tuple(self._files[self._where[key]].get_slice(key).get_shape())
+        return self._files[self._where[key]].info[key][1]
 
     def get(self, key: str) -> torch.Tensor:
         if self._tensors is not None:
             return self._tensors[key]
-        return self._files[self._where[key]].get_tensor(key)
+        return self._files[self._where[key]].read(key)
+
+    def get_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Entries ``lo:hi`` of the flattened tensor (a view for in-memory tensors; read
+        from the file, and only those bytes, otherwise)."""
+        if self._tensors is not None:
+            return self._tensors[key].reshape(-1)[lo:hi]
+        return self._files[self._where[key]].read(key, lo, hi)
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, {len(self.all_keys())} tensors)"
@@ -204,8 +304,19 @@ def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
         )
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite: a NaN or inf makes the sum non-finite, so a finite
+    sum settles it in one cheap reduction; only a non-finite sum (or an overflow of
+    large finite entries) needs the entry-wise check."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    if t.element_size() == 1:  # float8: reductions want a wider type
+        t = t.float()
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: torch.Tensor, key: str, who: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise WorkbenchError(
@@ -273,10 +384,22 @@ class TaskVector:
             else:
                 b = base.get(key)
                 d = f.float() - b.float()
-                if not bool(torch.isfinite(d).all()):
+                if not _all_finite(d):
                     _check_finite(b, key, base.name)
                     _check_finite(f, key, ft.name)
                     _check_finite(d, key, f"{ft.name} - {base.name}")
+            d = d if coef == 1.0 else d * coef
+            out = d if out is None else out + d
+        return out
+
+    def flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Entries ``lo:hi`` of the flattened ``self[key]``, computed from those entries of
+        the checkpoints only (the same arithmetic as ``self[key]``, without its finiteness
+        check: read the whole tensor once first when the input is not known to be finite)."""
+        out = None
+        for coef, ft, base in self.terms:
+            f = ft.get_flat(key, lo, hi)
+            d = f.float() if base is None else f.float() - base.get_flat(key, lo, hi).float()
             d = d if coef == 1.0 else d * coef
             out = d if out is None else out + d
         return out
@@ -376,6 +499,21 @@ def trim_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
         mag = mag.float()
     thresh = mag.kthvalue(n - k + 1).values  # the k-th largest magnitude
     return delta * (mag >= thresh).view_as(delta)
+
+
+def _trim_threshold(delta: torch.Tensor, density: float) -> float | None:
+    """The magnitude ``trim_topk`` keeps entries at or above (``None``: keep everything,
+    ``inf``: keep nothing)."""
+    n = delta.numel()
+    k = int(density * n)
+    if k >= n:
+        return None
+    if k == 0:
+        return float("inf")
+    mag = delta.abs().reshape(-1)
+    if mag.dtype not in (torch.float32, torch.float64):
+        mag = mag.float()
+    return mag.kthvalue(n - k + 1).values.item()
 
 
 def dare_drop(delta: torch.Tensor, p: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
@@ -490,6 +628,37 @@ def merge_tensor(
     return (base_t.float() + mixed).to(base_t.dtype)
 
 
+def _ties_streamed(base_t: torch.Tensor, tvs: Sequence[TaskVector], key: str,
+                   weights: Sequence[float], *, density: float, lam: float, normalize: bool | None) -> torch.Tensor:
+    """``merge_tensor(base_t, [tv[key] ...], weights, method="ties", ...)`` without holding
+    every delta at once: pass 1 reads one whole delta at a time (checking it is finite)
+    for its trim threshold; pass 2 re-reads the deltas ``_CHUNK`` entries at a time and
+    trims, elects and averages each slice. Every step is per entry or a reduction over
+    the task axis, so the result is that of ``merge_tensor`` entry for entry."""
+    n = base_t.numel()
+    thresholds = []
+    for tv in tvs:
+        d = tv[key]
+        thresholds.append(_trim_threshold(d, density))
+        del d
+    w = torch.tensor(weights, dtype=torch.float32)
+    wcol = w.view(-1, 1)
+    norm = True if normalize is None else normalize
+    out = torch.empty(n, dtype=base_t.dtype)
+    flat_base = base_t.reshape(-1)
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        ds = []
+        for tv, thr in zip(tvs, thresholds):
+            d = tv.flat(key, lo, hi)
+            ds.append(d if thr is None else d * (d.abs() >= thr))
+        mixed = elect_and_mean(torch.stack(ds) * wcol, w, normalize=norm)
+        if lam != 1.0:
+            mixed = mixed * lam
+        out[lo:hi] = (flat_base[lo:hi].float() + mixed).to(base_t.dtype)
+    return out.view(base_t.shape)
+
+
 def merge(
     base: Any,
     task_vectors: Sequence[TaskVector | Any],
@@ -549,6 +718,10 @@ def merge(
             merged[key] = b.clone()
             continue
         _check_finite(b, key, base_ck.name)
+        if method == "ties" and b.numel() > _CHUNK and b.device.type == "cpu":
+            merged[key] = _ties_streamed(b, tvs, key, _weights_for(weights, key, n), density=density, lam=lam,
+                                         normalize=normalize)
+            continue
         deltas = [tv[key].to(b.device) for tv in tvs]
         gens = None
         if method in ("dare", "dare_ties"):
@@ -563,15 +736,31 @@ def merge(
 
 
 def _write_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> str:
-    from safetensors.torch import save_file
-
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise WorkbenchError(f"cannot write {path!r}: no directory {directory!r}")
+    # widest dtypes first (stable), so every tensor starts aligned to its element size
+    items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
+    entries, offset = {}, 0
+    for k, v in items:
+        if v.dtype not in _TORCH_ST:
+            raise WorkbenchError(f"tensor {k!r} has dtype {v.dtype}, which safetensors cannot store")
+        nbytes = v.numel() * v.element_size()
+        entries[k] = {"dtype": _TORCH_ST[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        entries = {"__metadata__": dict(metadata), **entries}
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        # one tensor at a time, straight from its memory: no serialised copy of the whole state
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for _, v in items:
+                if v.numel():
+                    f.write(memoryview(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
