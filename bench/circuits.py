@@ -17,7 +17,7 @@ exact activation patching.
    of the 50 strongest nodes by exact patching.
 
 SAELens is an anchor, installed by ``python3 dev.py bench`` (bench/requirements.txt),
-never by the tests. ``BENCH_SAE_STEPS`` (default 30) sets the training steps.
+never by the tests. ``BENCH_SAE_STEPS`` (default 150) sets the training steps.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _train_saelens(acts, held, init, steps, sparse: bool):
 def _sae_rows(t: Table) -> None:
     from workbench.circuits import SAE
 
-    steps = int(os.environ.get("BENCH_SAE_STEPS", "30"))
+    steps = int(os.environ.get("BENCH_SAE_STEPS", "150"))
     acts = _activations()
     held, acts = acts[:8192], acts[8192:]
     init = SAE(acts.shape[-1], D_SAE, kind="topk", k=K, seed=0).state_dict()
@@ -109,8 +109,8 @@ def _sae_rows(t: Table) -> None:
             fvu["SAELens sparse" if sparse else "SAELens"] = _train_saelens(acts, held, init, steps, sparse)
         return run
 
-    t_ours = timeit(ours, repeat=3, warmup=1, min_time=0.0)
-    t_dense = timeit(theirs(False), repeat=3, warmup=1, min_time=0.0)
+    t_ours = timeit(ours, repeat=1, warmup=0, min_time=0.0)  # each run is minutes long: one sample each
+    t_dense = timeit(theirs(False), repeat=1, warmup=0, min_time=0.0)
     case = f"TopK SAE, {steps} steps of {BATCH} rows, d={acts.shape[-1]}, {D_SAE} features, k={K}"
     t.add(f"{case}: workbench vs SAELens", t_ours, t_dense)
     t.notes.append(f"SAE training on {len(acts)} MiniLM resid_post.3 rows; held-out FVU after training: "

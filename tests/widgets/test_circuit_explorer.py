@@ -1,0 +1,200 @@
+"""CircuitExplorer and FeatureDashboard headless: the layered graph follows the thresholds
+in place, clicking a node opens its dashboard, ablate / steer / faithfulness show the
+same numbers as the library calls, and token text is escaped."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from widgets import CircuitExplorer, FeatureDashboard, circuit_figure, contexts_html
+from workbench import WorkbenchError
+from workbench.circuits import SAE, ablate_features, ablated_metric, collect, feature_means, find_circuit, steer, train_sae
+from workbench.data import agreement_pairs, agreement_sentences
+from workbench.metrics import logit_diff
+
+EVIL = "<img src=x onerror=alert(1)>"
+SITES = ("resid_post.0", "attn_out.1")
+
+
+class _Points:
+    def __init__(self, inds):
+        self.point_inds = inds
+
+
+@pytest.fixture(scope="module")
+def setup(tasklm):
+    torch.manual_seed(0)
+    texts = agreement_sentences(600, seed=0, split="train")
+    saes = {}
+    for site in SITES:
+        acts = collect(tasklm, site, texts)
+        sae = SAE(acts.shape[-1], 64, kind="topk", k=4, site=site, model="tasklm")
+        train_sae(sae, acts, steps=150, batch_size=256, lr=3e-3, progress=False)
+        saes[site] = sae
+    pairs = agreement_pairs(16, seed=3, split="test", tokenizer=tasklm.tokenizer)
+    good, bad = list(pairs["clean_answer_id"]), list(pairs["corrupted_answer_id"])
+    metric = lambda logits, batch: logit_diff(logits, batch, good, bad)  # noqa: E731
+    clean, corrupted = list(pairs["clean"]), list(pairs["corrupted"])
+    graph = find_circuit(tasklm, saes, clean, corrupted, metric, node_threshold=0.02, edge_threshold=0.001)
+    eval_texts = agreement_sentences(80, seed=1, split="test")
+    means = feature_means(tasklm, saes, eval_texts)
+    return saes, graph, clean, metric, eval_texts, means
+
+
+@pytest.fixture
+def explorer(tasklm, setup):
+    saes, graph, clean, metric, texts, means = setup
+    return CircuitExplorer(tasklm, saes, graph, clean, metric, texts=texts, means=means)
+
+
+def _shown_nodes(fig) -> list[int]:
+    return [int(c[0]) for c in fig.data[6].customdata]
+
+
+def test_figure_draws_the_subgraph_layered_by_site(setup):
+    _, graph, *_ = setup
+    nodes, edges = graph.subgraph()
+    assert len(nodes) >= 5 and len(edges) >= 3
+    fig = circuit_figure(graph)
+    shown = _shown_nodes(fig)
+    assert sorted(shown) == sorted(int(i) for i in nodes)
+    # each node sits in its site's column; within a column, rows rank by effect
+    xs, ys = np.asarray(fig.data[6].x), np.asarray(fig.data[6].y)
+    assert np.array_equal(xs, graph["site"][shown])
+    for c in set(xs.tolist()):
+        col = [i for i, x in zip(shown, xs) if x == c]
+        rows = [y for y, x in zip(ys, xs) if x == c]
+        assert [col[k] for k in np.argsort(rows)] == sorted(col, key=lambda i: graph["effect"][i])
+    assert np.allclose(fig.data[6].marker.color, graph["effect"][shown])
+    # every kept edge is one segment (3 entries: start, end, gap) in one of the six edge traces
+    assert sum(len(t.x) for t in fig.data[:6]) == 3 * len(edges)
+    assert fig.layout.title.text == f"circuit: {len(nodes)} nodes ({sum(graph['feature'][nodes] < 0)} error), {len(edges)} edges"
+
+
+def test_threshold_sliders_prune_in_place(explorer, setup):
+    _, graph, *_ = setup
+    nodes_trace = explorer.figure.data[6]
+    eff = np.abs(graph["effect"])
+    t = float(np.sort(eff)[-4])  # keeps exactly the top 4 (no ties in float effects)
+    explorer.node_threshold.value = t
+    assert explorer.figure.data[6] is nodes_trace
+    kept = sorted(int(i) for i in np.nonzero(eff >= explorer.node_threshold.value)[0])
+    assert sorted(_shown_nodes(explorer.figure)) == kept and 1 <= len(kept) <= 5
+    assert explorer.figure.layout.title.text.startswith(f"circuit: {len(kept)} nodes")
+    n_edges = len(explorer.shown()[1])
+    explorer.edge_threshold.value = float(np.sort(np.abs(graph["edge_weight"]))[-2])
+    w = np.abs(graph["edge_weight"])
+    expected = [e for e in range(len(w)) if w[e] >= explorer.edge_threshold.value
+                and graph["edge_src"][e] in kept and graph["edge_dst"][e] in kept]
+    assert list(explorer.shown()[1]) == expected and len(expected) <= min(2, n_edges)
+    assert sum(len(t.x) for t in explorer.figure.data[:6]) == 3 * len(explorer.shown()[1])
+    circuit = explorer.circuit()
+    assert sum(len(v) for v in circuit.values()) == len(kept)
+
+
+def test_clicking_a_feature_opens_its_dashboard(explorer, setup):
+    _, graph, *_ = setup
+    order = _shown_nodes(explorer.figure)
+    k = next(k for k, i in enumerate(order) if graph["feature"][i] >= 0)
+    node = order[k]
+    explorer._on_node(explorer.figure.data[6], _Points([k]), None)
+    assert explorer.selected == node
+    site, f = graph.sites[int(graph["site"][node])], int(graph["feature"][node])
+    dash = explorer.dashboard
+    assert dash.feature == f and dash.summary.attrs["site"] == site
+    assert np.array_equal(np.asarray(dash.histogram.data[0].y), dash.summary["count"])
+    assert list(explorer.figure.data[7].x) == [int(graph["site"][node])]  # the selection ring follows
+    assert not explorer.ablate_button.disabled and not explorer.steer_button.disabled
+    # a second click reuses the same dashboard and redraws it in place
+    k2 = next(j for j, i in enumerate(order) if graph["feature"][i] >= 0 and i != node)
+    hist = dash.histogram.data[0]
+    explorer._on_node(explorer.figure.data[6], _Points([k2]), None)
+    assert explorer.dashboard is dash and dash.histogram.data[0] is hist
+    assert dash.feature == int(graph["feature"][order[k2]])
+    assert np.array_equal(np.asarray(hist.y), dash.summary["count"])
+
+
+def test_ablate_and_steer_match_the_library(explorer, tasklm, setup):
+    saes, graph, clean, metric, texts, means = setup
+    top = next(n for n, _ in graph_top(graph) if not n.endswith("/err"))
+    explorer.select(top)
+    site, f = top.split("/")
+    r = explorer.ablate()
+    ref = ablate_features(tasklm, saes, {site: [int(f)]}, clean, metric, value="mean", means=means)
+    assert np.allclose(explorer.bars.data[0].y, [ref["before"].mean(), ref["after"].mean()])
+    assert r.change == pytest.approx(ref.change) and abs(ref.change) > 1e-3
+    explorer.strength.value = 6.0
+    explorer.steer()
+    ref = steer(tasklm, saes[site], int(f), 6.0, clean, metric, site=site, positions="last")
+    assert np.allclose(explorer.bars.data[0].y, [ref["before"].mean(), ref["after"].mean()])
+    assert "steering with" in explorer.status.value
+
+
+def graph_top(graph):
+    order = np.argsort(-np.abs(graph["effect"]))
+    return [(graph.coord("node")[i], graph["effect"][i]) for i in order]
+
+
+def test_faithfulness_matches_the_ablated_metric(explorer, tasklm, setup, monkeypatch):
+    saes, graph, clean, metric, texts, means = setup
+    explorer.node_threshold.value = float(np.sort(np.abs(graph["effect"]))[-3])
+    circuit = explorer.circuit()
+    assert sum(map(len, circuit.values())) == 3
+    batch = tasklm.as_batch(clean)
+    full = float(metric(tasklm.logits(batch), batch).mean())  # error nodes make the spliced model exact
+    empty = ablated_metric(tasklm, saes, batch, metric, {}, means)
+    kept = ablated_metric(tasklm, saes, batch, metric, circuit, means)
+    frac = explorer.check_faithfulness()
+    assert frac == pytest.approx((kept - empty) / (full - empty), rel=1e-4)
+    assert np.allclose(explorer.bars.data[0].y, [full, kept], rtol=1e-4)
+    assert explorer.bars.layout.title.text == f"faithfulness of 3 nodes: {frac:.3f}"
+    # every node in the circuit: faithfulness is exactly 1
+    everything = {s: list(range(sae.d_sae)) + ["err"] for s, sae in saes.items()}
+    monkeypatch.setattr(explorer, "circuit", lambda: everything)
+    assert explorer.check_faithfulness() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_error_nodes_cannot_be_ablated(explorer, setup):
+    _, graph, *_ = setup
+    err = [i for i, f in enumerate(graph["feature"]) if f < 0][0]
+    explorer.select(int(err))
+    assert explorer.ablate_button.disabled and explorer.steer_button.disabled
+    assert "error node" in explorer.node_info.value
+    with pytest.raises(WorkbenchError, match="select a feature node"):
+        explorer.ablate()
+    assert "select a feature node" in explorer.status.value
+    with pytest.raises(WorkbenchError, match="no node"):
+        explorer.select("mlp_out.7/3")
+
+
+def test_graph_and_saes_must_match(tasklm, setup):
+    saes, graph, clean, metric, texts, means = setup
+    with pytest.raises(WorkbenchError, match="sites"):
+        CircuitExplorer(tasklm, {"resid_post.0": saes["resid_post.0"]}, graph, clean, metric, texts=texts)
+
+
+def test_dashboard_escapes_token_text(tasklm, setup):
+    saes, graph, *_ = setup
+    texts = agreement_sentences(40, seed=4, split="test")
+    f0, f1 = [int(n.split("/")[1]) for n, _ in graph_top(graph) if n.startswith("attn_out.1/")
+              and not n.endswith("err")][:2]
+    dash = FeatureDashboard(tasklm, saes["attn_out.1"], f0, texts)
+    s = copy.deepcopy(dash.summary)
+    assert s.attrs["examples"], "the strongest circuit feature fires on agreement sentences"
+    s.attrs["examples"][0]["tokens"][0] = EVIL
+    out = contexts_html(s)
+    assert EVIL not in out and "&lt;img src=x onerror=alert(1)&gt;" in out
+    # switching features redraws in place and caches the summary
+    hist = dash.histogram.data[0]
+    dash.show(f1)
+    assert dash.feature == f1 and dash.histogram.data[0] is hist
+    first = dash.summary
+    dash.show(f0)
+    dash.show(f1)
+    assert dash.summary is first
+    with pytest.raises(WorkbenchError, match="out of range"):
+        dash.show(10_000)
