@@ -29,6 +29,7 @@
 
 # %%
 import numpy as np
+import plotly.graph_objects as go
 import torch
 from scipy.stats import spearmanr
 
@@ -133,6 +134,11 @@ faith.to_frame()[["size", "faithfulness", "completeness"]].round(3)
 # so they rank low, yet mean-ablating them breaks the prediction.
 
 # %%
+fig = go.Figure([go.Scatter(x=faith["size"], y=faith["faithfulness"], mode="lines+markers", name="faithfulness (circuit kept)"),
+                 go.Scatter(x=faith["size"], y=faith["completeness"], mode="lines+markers", name="completeness (circuit ablated)")])
+fig.update_layout(xaxis_type="log", xaxis_title="circuit size (nodes)", yaxis_title="fraction of the metric", height=320,
+                  title="faithfulness against circuit size")
+fig.show()
 necessary = int(faith["size"][np.argmax(faith["completeness"] < 0.05)])
 sufficient = int(faith["size"][np.argmax(faith["faithfulness"] >= 0.8)])
 print(f"{necessary} nodes are necessary (completeness < 0.05); {sufficient} of 771 keep >= 80% of the metric")
