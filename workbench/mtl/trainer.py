@@ -62,12 +62,14 @@ class MultiTaskTrainer:
     ``shared``: the shared parameters as (name, parameter) pairs (default: every
     parameter whose name starts with ``shared_prefix``). ``aggregator``: a name of
     :func:`~workbench.mtl.aggregate` or ``"uncertainty"`` / ``"gradnorm"``.
+    ``block_depth``: name parts that make a block when a name has no layer index
+    (``trunk.gpt_neox.embed_in`` needs 3).
     """
 
     def __init__(self, model: torch.nn.Module, tasks: dict[str, LossFn], data: Callable[[int], object], *,
                  shared_prefix: str = "trunk", aggregator: str = "equal", lr: float = 1e-3, monitor_every: int = 10,
                  affinity: bool = False, seed: int = 0, checkpoint: str | Path | None = None,
-                 checkpoint_every: int = 50, aggregator_params: dict | None = None) -> None:
+                 checkpoint_every: int = 50, aggregator_params: dict | None = None, block_depth: int = 2) -> None:
         if len(tasks) < 2:
             raise WorkbenchError(f"multi-task training needs at least two tasks, got {list(tasks)}")
         if aggregator not in STATELESS + STATEFUL:
@@ -85,6 +87,7 @@ class MultiTaskTrainer:
         self.own = [p for p in model.parameters() if id(p) not in shared_ids and p.requires_grad]
         self.aggregator, self.lr, self.monitor_every, self.affinity = aggregator, lr, monitor_every, affinity
         self.agg_params = dict(aggregator_params or {})
+        self.block_depth = block_depth  # how parameter names group into blocks (see gradients.block_of)
         self.state_agg = (UncertaintyWeighting(len(tasks)) if aggregator == "uncertainty"
                           else GradNorm(len(tasks)) if aggregator == "gradnorm" else None)
         self.seed = seed
@@ -133,7 +136,7 @@ class MultiTaskTrainer:
                 own_grads = torch.autograd.grad(torch.stack(losses).sum(), self.own, retain_graph=True, allow_unused=True)
                 for p, g in zip(self.own, own_grads):
                     p.grad = g
-            tg = task_gradients(losses, self.shared)
+            tg = task_gradients(losses, self.shared, block_depth=self.block_depth)
             j = tg.jacobian
             if self.state_agg is not None:
                 update, weights = self.state_agg(j, tg.losses)
