@@ -131,21 +131,21 @@ class MultiTaskTrainer:
             torch.stack(losses).sum().backward()
         else:
             params = [p for _, p in self.shared]
-            # task heads: each gets the gradient of its own loss (the sum over tasks)
-            if self.own:
-                own_grads = torch.autograd.grad(torch.stack(losses).sum(), self.own, retain_graph=True, allow_unused=True)
-                for p, g in zip(self.own, own_grads):
-                    p.grad = g
-            tg = task_gradients(losses, self.shared, block_depth=self.block_depth)
+            # task heads get the gradient of the summed loss, from the same T backward passes
+            tg = task_gradients(losses, self.shared, block_depth=self.block_depth, extra=self.own)
+            for p, g in zip(self.own, tg.extra_grads or ()):
+                p.grad = g
             j = tg.jacobian
             if self.state_agg is not None:
                 update, weights = self.state_agg(j, tg.losses)
+            elif self.aggregator == "equal":  # the plain summed gradient, as an unmonitored step takes it
+                update, weights = j.sum(0), np.ones(len(losses))
             else:
                 update, weights = aggregate(j, self.aggregator, **self.agg_params)
             off = 0
             for p in params:
                 n = p.numel()
-                p.grad = update[off : off + n].view_as(p).to(p.dtype).clone()
+                p.grad = update[off : off + n].view_as(p).to(p.dtype, copy=True)
                 off += n
             if monitored:
                 s = conflict_summary(tg)
