@@ -121,3 +121,28 @@ def test_head_gradients_come_from_the_same_backward_passes(digits):
     assert len(tg.extra_grads) == len(heads)
     for g, r in zip(tg.extra_grads, ref):
         assert torch.allclose(g, r, atol=1e-7)
+
+
+def test_history_records_what_conflict_summary_computes(digits):
+    """The trainer's lean per-step conflict numbers equal conflict_summary's."""
+    from workbench.mtl import conflict_summary, task_gradients
+    from workbench.mtl.trainer import _cosines_and_conflicts
+
+    train, _ = digits
+    model = MultiDigitsNet(seed=6)
+    batch = batch_sampler(train, 16)(0)
+    out = model(batch)
+    fns = digit_losses()
+    tg = task_gradients([fns[t](out[t], batch) for t in ("left", "right")],
+                        [(n, p) for n, p in model.named_parameters() if n.startswith("trunk")])
+    s = conflict_summary(tg)
+    g = np.concatenate([tg.gramian[None], tg.block_gramians])
+    g[-1, 0, 0] = g[-1, 0, 1] = g[-1, 1, 0] = 0  # a block where task 0 has no gradient
+    tg.block_gramians[-1] = g[-1]
+    s = conflict_summary(tg)
+    cos, frac = _cosines_and_conflicts(g)
+    assert np.allclose(cos[0], s["cosine"]) and frac[0] == s["conflict_fraction"]
+    for b, (name, ref) in enumerate(s["blocks"].items()):
+        assert np.allclose(cos[b + 1], ref["cosine"], equal_nan=True) and frac[b + 1] == ref["conflict_fraction"], name
+    g3 = np.array([[[1.0, -0.5, 0.2], [-0.5, 1.0, -0.1], [0.2, -0.1, 1.0]]])
+    assert _cosines_and_conflicts(g3)[1] == [2 / 3]

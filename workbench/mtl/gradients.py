@@ -30,6 +30,7 @@ def shared_parameters(module: torch.nn.Module, prefix: str | None = None) -> lis
     return out
 
 
+@lru_cache(maxsize=65536)
 def block_of(name: str, depth: int = 2) -> str:
     """Group parameter names into blocks: up to the first layer index
     (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else the first
@@ -84,6 +85,9 @@ def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     losses = list(losses)
     if len(losses) < 2:
         raise WorkbenchError(f"gradient conflicts need at least two task losses, got {len(losses)}")
+    if all(isinstance(l, torch.Tensor) and l.numel() == 1 and l.requires_grad for l in losses) and bool(
+            torch.isfinite(torch.stack([l.detach().reshape(()) for l in losses])).all()):
+        return losses  # the common case, in one check; otherwise find the culprit below
     for i, l in enumerate(losses):
         if not isinstance(l, torch.Tensor) or l.numel() != 1:
             raise WorkbenchError(f"loss {i} must be a scalar tensor, got {type(l).__name__} "
@@ -98,17 +102,53 @@ def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 CHUNK = 4096
 
 
+GROUP = 256  # chunks per batched product: bounds any temporary to T x 1M floats
+
+
 def _gram64(part: torch.Tensor) -> np.ndarray:
     """J J^T of a [T, n] float32 slice, accurate to float64 without a float64 copy: float32
     products over chunks of 4096 entries (short sums, small rounding error), the chunk
-    results summed in float64."""
-    if part.shape[1] <= CHUNK:
+    results summed in float64. The chunks go through batched matrix products, up to
+    ``GROUP`` chunks at a time, instead of one Python iteration each."""
+    T, n = part.shape
+    if n <= CHUNK:
         return (part @ part.T).double().cpu().numpy()
-    out = torch.zeros(part.shape[0], part.shape[0], dtype=torch.float64)
-    for c in range(0, part.shape[1], CHUNK):
-        blk = part[:, c : c + CHUNK]
-        out += (blk @ blk.T).double().cpu()
-    return out.numpy()
+    out = torch.zeros(T, T, dtype=torch.float64, device=part.device)
+    full = n // CHUNK * CHUNK
+    for c in range(0, full, GROUP * CHUNK):
+        stop = min(c + GROUP * CHUNK, full)
+        blk = part[:, c:stop].reshape(T, -1, CHUNK).transpose(0, 1)  # [chunks, T, CHUNK], a view
+        out += torch.bmm(blk, blk.transpose(1, 2)).double().sum(0)
+    if full < n:
+        rest = part[:, full:]
+        out += (rest @ rest.T).double()
+    return out.cpu().numpy()
+
+
+SMALL = 1 << 20  # T * P entries up to which the Gramians come from one float64 copy of J
+
+
+def _block_gramians(jac: torch.Tensor, block_idx: tuple, sizes: tuple, n_blocks: int) -> np.ndarray:
+    """[B, T, T] float64 Gramians of the column blocks of ``jac``, one product per run of
+    consecutive parameters of the same block. A small Jacobian (up to ``SMALL`` entries,
+    8 MB in float64) is copied to float64 once and multiplied exactly: per-step monitoring of
+    a small model is dominated by per-operation overhead, not arithmetic. A larger one goes
+    through ``_gram64`` (float32 chunks summed in float64, no float64 copy)."""
+    T, P = jac.shape
+    small = T * P <= SMALL
+    src = jac.double() if small else jac
+    out = torch.zeros(n_blocks, T, T, dtype=torch.float64) if small else np.zeros((n_blocks, T, T))
+    off = start = 0
+    for i, (bi, n) in enumerate(zip(block_idx, sizes)):
+        off += n
+        if i == len(sizes) - 1 or block_idx[i + 1] != bi:
+            part = src[:, start:off]
+            if small:
+                out[bi] += (part @ part.T).cpu()
+            else:
+                out[bi] += _gram64(part)
+            start = off
+    return out.numpy() if small else out
 
 
 def task_gradients(
@@ -158,14 +198,7 @@ def task_gradients(
         for i, g in enumerate(more):
             if g is not None:
                 extra_sum[i] = g if extra_sum[i] is None else extra_sum[i] + g
-    # one Gramian per run of consecutive parameters of the same block (not one per tensor)
-    bg = np.zeros((len(blocks), T, T))
-    off = start = 0
-    for i, (bi, n) in enumerate(zip(block_idx, sizes)):
-        off += n
-        if i == len(sizes) - 1 or block_idx[i + 1] != bi:
-            bg[bi] += _gram64(jac[:, start:off])
-            start = off
+    bg = _block_gramians(jac, tuple(block_idx), tuple(sizes), len(blocks))
     gram = bg.sum(0)
     return TaskGradients(
         jacobian=jac if mode == "jacobian" else None, gramian=gram, block_gramians=bg, blocks=blocks,

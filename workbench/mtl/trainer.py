@@ -25,7 +25,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.mtl.aggregators import STATEFUL, STATELESS, GradNorm, UncertaintyWeighting, aggregate
-from workbench.mtl.gradients import conflict_summary, task_gradients
+from workbench.mtl.gradients import task_gradients
 
 LossFn = Callable[[object, object], torch.Tensor]  # (task output, batch) -> scalar
 
@@ -54,6 +54,22 @@ def lookahead_affinity(losses_at: Callable[[], Sequence[torch.Tensor]], params: 
             for p, s in zip(params, saved):
                 p.copy_(s)
     return z
+
+
+def _cosines_and_conflicts(g: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Cosines [N, T, T] and conflict fractions (share of task pairs with cosine < 0, pairs
+    with a zero gradient left out) of N stacked Gramians: what ``conflict_summary`` gives,
+    without the quantities the history does not keep (this runs at every monitored step)."""
+    T = g.shape[1]
+    n = np.sqrt(np.clip(np.diagonal(g, axis1=1, axis2=2), 0, None))
+    nn = n[:, :, None] * n[:, None, :]
+    cos = np.full_like(g, np.nan)
+    np.divide(g, nn, out=cos, where=nn > 0)
+    iu = np.triu_indices(T, 1)
+    pairs = cos[:, iu[0], iu[1]]
+    valid = (nn[:, iu[0], iu[1]] > 0).sum(1)
+    neg = (pairs < 0).sum(1)  # NaN compares False
+    return cos, [float(a / b) if b else 0.0 for a, b in zip(neg, valid)]
 
 
 class MultiTaskTrainer:
@@ -148,13 +164,13 @@ class MultiTaskTrainer:
                 p.grad = update[off : off + n].view_as(p).to(p.dtype, copy=True)
                 off += n
             if monitored:
-                s = conflict_summary(tg)
+                cos, frac = _cosines_and_conflicts(np.concatenate([tg.gramian[None], tg.block_gramians]))
                 record = {
                     "step": step, "losses": tg.losses.tolist(), "norms": tg.norms.tolist(),
-                    "cosine": s["cosine"].tolist(), "conflict_fraction": s["conflict_fraction"],
+                    "cosine": cos[0].tolist(), "conflict_fraction": frac[0],
                     "blocks": tg.blocks,
-                    "block_cosine": [b["cosine"].tolist() for b in s["blocks"].values()],
-                    "block_conflict_fraction": [b["conflict_fraction"] for b in s["blocks"].values()],
+                    "block_cosine": cos[1:].tolist(),
+                    "block_conflict_fraction": frac[1:],
                     "weights": np.asarray(weights, float).tolist(), "aggregator": self.aggregator,
                 }
                 if self.affinity:
