@@ -9,16 +9,16 @@
 # ---
 
 # %% [markdown]
-# # Multi-task gradient conflicts on MultiDigits
+# # Multi-task gradient conflicts: MultiDigits and text tasks on a transformer
 #
 # Two real scikit-learn digits side by side; task `left` reads the left digit, task
 # `right` the right one. A small shared MLP trunk feeds one head per task. We train with
 # equal weights and with gradient-surgery methods, record the per-task gradients on the
 # shared trunk every 10 steps (exactly: one backward per task), and ask where and when
 # they conflict, what each method changes, and whether conflict or lookahead affinity
-# predicts transfer against single-task baselines. Offline, CPU, well under a minute.
-#
-# (The text-task workload on a shared transformer trunk is not in this notebook yet.)
+# predicts transfer against single-task baselines. Then the same on four text tasks of the
+# task suite sharing a whole transformer (the zoo's `tasklm` decoder), one pair of them in
+# conflict by construction. Offline, CPU, a few minutes.
 
 # %%
 import numpy as np
@@ -94,6 +94,73 @@ tr_table = {agg: transfer(errors_single, {t: 1 - a for t, a in acc.items()}) for
 {agg: {t: round(v, 3) for t, v in d.items()} for agg, d in tr_table.items()}
 
 # %% [markdown]
+# ## Text tasks on a shared transformer
+#
+# Four word tasks of the task suite as zero-shot prompts (`cat ->`), all trained as
+# next-token answers of the zoo's `tasklm` (GPT-NeoX, 2 layers, d=128, pretrained here on the
+# suite). Every parameter is shared: embeddings (tied with the unembedding), both layers,
+# the final layer norm. `capitalize` (`cat -> Cat`) and `first_letter` (`cat -> c`) get the
+# *same* words in every batch, so they ask for different answers to identical prompts: a
+# conflict built in on purpose. `present_past` (`go -> went`) and `singular_plural`
+# (`cat -> cats`) both inflect a word. We train with equal weights, PCGrad and MGDA (150
+# steps, 16 prompts per task and step, Adam), monitor every 10 steps, and look per block.
+# Accuracy is the exact answer token, on the training words (how well each task is fitted)
+# and on held-out words.
+
+# %%
+from workbench.mtl.workloads import COMPATIBLE_PAIR, CONFLICTING_PAIR, TextTasks
+
+text = TextTasks()
+TEXT_STEPS = 150
+names = list(text.names)
+ci, cj = (names.index(t) for t in CONFLICTING_PAIR)
+pi, pj = (names.index(t) for t in COMPATIBLE_PAIR)
+
+
+def text_losses(model):
+    b = text.batch("train")
+    model.eval()
+    with torch.no_grad():
+        out = model(b)
+    return {t: float(f(out[t], b)) for t, f in text.losses().items()}
+
+
+pretrained = text.model()
+text_pre = {"train": text.accuracy(pretrained, "train"), "test": text.accuracy(pretrained, "test"),
+            "loss": text_losses(pretrained)}
+text_runs = {}
+for agg in ["equal", "pcgrad", "mgda"]:
+    tr = MultiTaskTrainer(text.model(), text.losses(), text.sampler(16), aggregator=agg, lr=1e-3, monitor_every=10,
+                          block_depth=text.block_depth, affinity=agg == "equal")
+    tr.fit(TEXT_STEPS, progress=False)
+    text_runs[agg] = {"trainer": tr, "train": text.accuracy(tr.model, "train"), "test": text.accuracy(tr.model, "test"),
+                      "loss": text_losses(tr.model)}
+print("words per task (train / test):", {t: (len(w["train"]), len(w["test"])) for t, w in text.words.items()})
+for name, r in [("pretrained", text_pre), *text_runs.items()]:
+    print(f"{name:10s} train acc", {t: round(v, 2) for t, v in r["train"].items()},
+          "| test acc", {t: round(v, 2) for t, v in r["test"].items()},
+          "| train loss", {t: round(v, 2) for t, v in r["loss"].items()})
+
+# %% [markdown]
+# ### Which pairs conflict, and in which blocks
+
+# %%
+text_cos = {agg: np.array([r["cosine"] for r in r_["trainer"].history]) for agg, r_ in text_runs.items()}
+text_block = {agg: np.array([r["block_cosine"] for r in r_["trainer"].history]) for agg, r_ in text_runs.items()}
+tblocks = [b.replace("trunk.gpt_neox.", "") for b in text_runs["equal"]["trainer"].history[0]["blocks"]]
+print("mean pairwise cosine over the equal-weight run (rows/cols:", names, ")")
+print(np.round(text_cos["equal"].mean(0), 2))
+for agg in text_runs:
+    print(f"{agg:7s} conflicting pair per block", dict(zip(tblocks, np.round(text_block[agg][:, :, ci, cj].mean(0), 2))),
+          "| compatible pair", dict(zip(tblocks, np.round(text_block[agg][:, :, pi, pj].mean(0), 2))))
+print("conflicting pair, equal weights, over training:", np.round(text_cos["equal"][:, ci, cj], 2))
+mgda_w = np.array([r["weights"] for r in text_runs["mgda"]["trainer"].history])
+print("MGDA mean task weights:", dict(zip(names, np.round(mgda_w.mean(0), 2))))
+text_aff = np.array([r["affinity"] for r in text_runs["equal"]["trainer"].history]).mean(0)
+print("mean lookahead affinity (step on row task -> column task):")
+print(np.round(text_aff, 3))
+
+# %% [markdown]
 # ## Watch it live
 #
 # The monitor shows the cosine and affinity matrices, the conflict fraction and losses
@@ -110,11 +177,28 @@ monitor
 # %% [markdown]
 # ## What we measured
 #
-# The two digit tasks barely interfere on this trunk: their gradients are close to
-# orthogonal throughout (mean cosine near zero, in every block), they point against each
-# other in a minority of steps, and every aggregator lands within a few points of the
-# others and of the single-task baselines. Surgery has little to fix when there is little
-# conflict; that is the finding here, and the check below holds it to the numbers.
+# **MultiDigits.** The two digit tasks barely interfere on this trunk: their gradients are
+# close to orthogonal throughout (mean cosine near zero, in every block), they point
+# against each other in a minority of steps, and every aggregator lands within a few points
+# of the others and of the single-task baselines. Surgery has little to fix when there is
+# little conflict.
+#
+# **Text tasks on `tasklm`.** The pair built to conflict does: `capitalize` and
+# `first_letter` have a mean trunk-gradient cosine of about -0.45 under equal weights,
+# negative at every monitored step, in every block, and more so with depth (about -0.3 in
+# the embeddings, -0.5 in the layers, -0.6 in the final layer norm). Neither can be fitted
+# while the other pulls the same prompts elsewhere: both stay near their pretrained ~0.3
+# training accuracy, while the compatible pair (`present_past`, `singular_plural`, cosine
+# about +0.14, positive in every block) climbs to ~0.8. PCGrad, which only removes the
+# conflicting components, changes almost nothing here (within a few points per task, the
+# cosines stay). MGDA puts ~90% of the weight on the compatible pair (the smallest
+# gradients): it fits them best, and the conflicting pair's training loss rises well above
+# its pretrained value, since with Adam the min-norm direction is no common descent step.
+# Lookahead affinity agrees with the cosine where the cosine is clearly negative (both
+# directions negative for every pair below -0.1). On held-out words, training on bare
+# prompts erases most of the pretrained zero-shot generalisation under every method, so
+# the training-word accuracies are the measure of fit here. The checks below hold all this
+# to the numbers.
 
 # %%
 accs = np.array([[acc["left"], acc["right"]] for _, acc in runs.values()])
@@ -124,4 +208,35 @@ assert abs(cos.mean()) < 0.2 and np.abs(block_cos.mean(0)).max() < 0.2, "near-or
 assert 0.0 < np.mean(cos < 0) < 0.5, "conflicts happen, in a minority of steps"
 assert all(abs(v) < 0.5 for d in tr_table.values() for v in d.values()), "no large transfer either way"
 assert len(live.history) == 20 and live.step_count == 200
+
+# text tasks: the built-in conflict is there, everywhere, stronger with depth
+eq_c = text_cos["equal"][:, ci, cj]
+assert eq_c.mean() < -0.3 and np.mean(eq_c < 0) >= 0.9, eq_c
+assert text_cos["equal"][:, pi, pj].mean() > 0.05, "the compatible pair agrees"
+blk_c = text_block["equal"][:, :, ci, cj].mean(0)
+blk_p = text_block["equal"][:, :, pi, pj].mean(0)
+assert tblocks == ["embed_in", "layers.0", "layers.1", "final_layer_norm"], tblocks
+assert (blk_c < -0.2).all() and (blk_p > 0).all(), (blk_c, blk_p)
+assert blk_c[2:].mean() < blk_c[:2].mean() - 0.1 and blk_c[0] == blk_c.max(), "deeper blocks conflict more"
+# what each method changes
+tr_acc = {agg: np.array([r["train"][t] for t in names]) for agg, r in text_runs.items()}
+pre_acc = np.array([text_pre["train"][t] for t in names])
+for agg in ("equal", "pcgrad"):
+    assert tr_acc[agg][[ci, cj]].max() < 0.5, (agg, tr_acc[agg])
+    assert (tr_acc[agg][[pi, pj]] > pre_acc[[pi, pj]] + 0.3).all(), (agg, tr_acc[agg])
+assert np.abs(tr_acc["pcgrad"] - tr_acc["equal"]).max() < 0.1, "PCGrad changes little"
+assert text_cos["pcgrad"][:, ci, cj].mean() < -0.3, "and the conflict stays"
+assert mgda_w.mean(0)[[pi, pj]].sum() > 0.7, mgda_w.mean(0)
+assert (tr_acc["mgda"][[pi, pj]] >= tr_acc["equal"][[pi, pj]]).all()
+mgda_loss = np.array([text_runs["mgda"]["loss"][t] for t in names])
+pre_loss = np.array([text_pre["loss"][t] for t in names])
+assert (mgda_loss[[ci, cj]] > 2 * pre_loss[[ci, cj]]).all(), (mgda_loss, pre_loss)
+# held-out words: fine-tuning on bare prompts erases zero-shot generalisation
+assert np.mean(list(text_runs["equal"]["test"].values())) < np.mean(list(text_pre["test"].values())) - 0.1
+# affinity agrees with clearly negative cosines
+mean_cos = text_cos["equal"].mean(0)
+for a in range(len(names)):
+    for b in range(a + 1, len(names)):
+        if mean_cos[a, b] < -0.1:
+            assert text_aff[a, b] < 0 and text_aff[b, a] < 0, (names[a], names[b], text_aff)
 print("all MTL checks passed")

@@ -93,6 +93,24 @@ def test_pcgrad_projects_conflicting_pairs():
     assert torch.allclose(aggregate(agree, "pcgrad")[0], agree.sum(0))  # no conflict: plain sum
 
 
+def test_pcgrad_on_the_gramian_equals_projecting_the_vectors():
+    """Four tasks, several conflicts: the projections done on vectors, in the paper's
+    sequential random order, give the same update and the weights that reproduce it."""
+    g = torch.randn(4, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g[1] -= 1.5 * g[0]
+    g[3] = -0.8 * g[2] + 0.3 * g[3]
+    rng = np.random.default_rng(7)
+    out = g.clone()
+    for i in range(4):
+        for k in rng.permutation(4):
+            if k != i and out[i] @ g[k] < 0:
+                out[i] = out[i] - (out[i] @ g[k]) / (g[k] @ g[k]) * g[k]
+    upd, w = aggregate(g, "pcgrad", seed=7)
+    assert torch.allclose(upd, out.sum(0), atol=1e-12)
+    assert np.allclose(torch.as_tensor(w) @ g, out.sum(0), atol=1e-12)
+    assert not torch.allclose(upd, g.sum(0))  # there was something to project
+
+
 def _simplex(T, n=60):
     for c in itertools.product(range(n + 1), repeat=T - 1):
         if sum(c) <= n:

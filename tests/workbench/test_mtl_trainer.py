@@ -86,3 +86,63 @@ def test_task_groups_and_transfer():
     assert task_groups(z, list("abcd")) == [["a", "b"], ["c", "d"]]
     t = transfer({"a": 0.5, "b": 0.4}, {"a": 0.4, "b": 0.5})
     assert t["a"] == pytest.approx(0.2) and t["b"] == pytest.approx(-0.25)
+
+
+def test_monitored_equal_steps_train_as_plain_steps(digits):
+    """Monitoring reuses the per-task gradients for the update (heads included): an
+    equal-weight run monitored at every step ends where an unmonitored run does."""
+    train, _ = digits
+
+    def run(k):
+        tr = MultiTaskTrainer(MultiDigitsNet(seed=3), digit_losses(), batch_sampler(train, 32, seed=4), monitor_every=k)
+        tr.fit(25, progress=False)
+        return tr
+
+    a, b = run(1), run(10_000)
+    assert len(a.history) == 25 and len(b.history) == 1
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+    assert not torch.equal(a.model.trunk[1].weight, MultiDigitsNet(seed=3).trunk[1].weight)
+
+
+def test_head_gradients_come_from_the_same_backward_passes(digits):
+    from workbench.mtl import task_gradients
+
+    train, _ = digits
+    model = MultiDigitsNet(seed=5)
+    batch = batch_sampler(train, 16)(0)
+    fns = digit_losses()
+    heads = [p for n, p in model.named_parameters() if n.startswith("heads")]
+    out = model(batch)
+    tg = task_gradients([fns[t](out[t], batch) for t in ("left", "right")],
+                        [(n, p) for n, p in model.named_parameters() if n.startswith("trunk")], extra=heads)
+    out = model(batch)
+    ref = torch.autograd.grad(sum(fns[t](out[t], batch) for t in ("left", "right")), heads)
+    assert len(tg.extra_grads) == len(heads)
+    for g, r in zip(tg.extra_grads, ref):
+        assert torch.allclose(g, r, atol=1e-7)
+
+
+def test_history_records_what_conflict_summary_computes(digits):
+    """The trainer's lean per-step conflict numbers equal conflict_summary's."""
+    from workbench.mtl import conflict_summary, task_gradients
+    from workbench.mtl.trainer import _cosines_and_conflicts
+
+    train, _ = digits
+    model = MultiDigitsNet(seed=6)
+    batch = batch_sampler(train, 16)(0)
+    out = model(batch)
+    fns = digit_losses()
+    tg = task_gradients([fns[t](out[t], batch) for t in ("left", "right")],
+                        [(n, p) for n, p in model.named_parameters() if n.startswith("trunk")])
+    s = conflict_summary(tg)
+    g = np.concatenate([tg.gramian[None], tg.block_gramians])
+    g[-1, 0, 0] = g[-1, 0, 1] = g[-1, 1, 0] = 0  # a block where task 0 has no gradient
+    tg.block_gramians[-1] = g[-1]
+    s = conflict_summary(tg)
+    cos, frac = _cosines_and_conflicts(g)
+    assert np.allclose(cos[0], s["cosine"]) and frac[0] == s["conflict_fraction"]
+    for b, (name, ref) in enumerate(s["blocks"].items()):
+        assert np.allclose(cos[b + 1], ref["cosine"], equal_nan=True) and frac[b + 1] == ref["conflict_fraction"], name
+    g3 = np.array([[[1.0, -0.5, 0.2], [-0.5, 1.0, -0.1], [0.2, -0.1, 1.0]]])
+    assert _cosines_and_conflicts(g3)[1] == [2 / 3]

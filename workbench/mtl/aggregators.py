@@ -60,22 +60,24 @@ def min_norm_weights(g: np.ndarray, iters: int = 250, tol: float = 1e-10) -> np.
 
 def pcgrad(j: torch.Tensor, *, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """PCGrad (Yu et al., 2020): each task gradient is projected off the normal plane of
-    every other task gradient it conflicts with (in a random order), then summed."""
+    every other task gradient it conflicts with (in a random order), then summed.
+
+    Every projected gradient stays a combination of the task gradients, so the method runs
+    on the Gramian: row i of ``C`` holds the coefficients of projected gradient i, its dot
+    product with g_k is ``C[i] @ G[:, k]``, and the update is ``C.sum(0) @ J`` (exactly
+    the task weights it amounts to)."""
     rng = np.random.default_rng(seed)
-    g = j.double()
-    out = g.clone()
-    T = g.shape[0]
+    G = _gram(j)
+    T = G.shape[0]
+    C = np.eye(T)
     for i in range(T):
         for k in rng.permutation(T):
             if k == i:
                 continue
-            dot = out[i] @ g[k]
+            dot = C[i] @ G[:, k]
             if dot < 0:
-                out[i] = out[i] - dot / (g[k] @ g[k]) * g[k]
-    update = out.sum(0)
-    # the weights it amounts to are not unique per task; report the projection-free share
-    w = np.linalg.lstsq(g.T.cpu().numpy(), update.cpu().numpy(), rcond=None)[0]
-    return update.to(j.dtype), w
+                C[i, k] -= dot / G[k, k]
+    return _from_weights(j, C.sum(0))
 
 
 def cagrad(j: torch.Tensor, *, c: float = 0.5) -> tuple[torch.Tensor, np.ndarray]:

@@ -13,6 +13,7 @@ quantity, and named as such everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ def shared_parameters(module: torch.nn.Module, prefix: str | None = None) -> lis
     return out
 
 
+@lru_cache(maxsize=65536)
 def block_of(name: str, depth: int = 2) -> str:
     """Group parameter names into blocks: up to the first layer index
     (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else the first
@@ -55,6 +57,7 @@ class TaskGradients:
     blocks: list[str]
     losses: np.ndarray
     kind: str = "parameters"
+    extra_grads: list | None = None  # summed over tasks, for the ``extra`` parameters
 
     @property
     def n_tasks(self) -> int:
@@ -82,6 +85,9 @@ def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     losses = list(losses)
     if len(losses) < 2:
         raise WorkbenchError(f"gradient conflicts need at least two task losses, got {len(losses)}")
+    if all(isinstance(l, torch.Tensor) and l.numel() == 1 and l.requires_grad for l in losses) and bool(
+            torch.isfinite(torch.stack([l.detach().reshape(()) for l in losses])).all()):
+        return losses  # the common case, in one check; otherwise find the culprit below
     for i, l in enumerate(losses):
         if not isinstance(l, torch.Tensor) or l.numel() != 1:
             raise WorkbenchError(f"loss {i} must be a scalar tensor, got {type(l).__name__} "
@@ -96,15 +102,53 @@ def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 CHUNK = 4096
 
 
+GROUP = 256  # chunks per batched product: bounds any temporary to T x 1M floats
+
+
 def _gram64(part: torch.Tensor) -> np.ndarray:
     """J J^T of a [T, n] float32 slice, accurate to float64 without a float64 copy: float32
     products over chunks of 4096 entries (short sums, small rounding error), the chunk
-    results summed in float64."""
-    out = torch.zeros(part.shape[0], part.shape[0], dtype=torch.float64)
-    for c in range(0, part.shape[1], CHUNK):
-        blk = part[:, c : c + CHUNK]
-        out += (blk @ blk.T).double().cpu()
-    return out.numpy()
+    results summed in float64. The chunks go through batched matrix products, up to
+    ``GROUP`` chunks at a time, instead of one Python iteration each."""
+    T, n = part.shape
+    if n <= CHUNK:
+        return (part @ part.T).double().cpu().numpy()
+    out = torch.zeros(T, T, dtype=torch.float64, device=part.device)
+    full = n // CHUNK * CHUNK
+    for c in range(0, full, GROUP * CHUNK):
+        stop = min(c + GROUP * CHUNK, full)
+        blk = part[:, c:stop].reshape(T, -1, CHUNK).transpose(0, 1)  # [chunks, T, CHUNK], a view
+        out += torch.bmm(blk, blk.transpose(1, 2)).double().sum(0)
+    if full < n:
+        rest = part[:, full:]
+        out += (rest @ rest.T).double()
+    return out.cpu().numpy()
+
+
+SMALL = 1 << 20  # T * P entries up to which the Gramians come from one float64 copy of J
+
+
+def _block_gramians(jac: torch.Tensor, block_idx: tuple, sizes: tuple, n_blocks: int) -> np.ndarray:
+    """[B, T, T] float64 Gramians of the column blocks of ``jac``, one product per run of
+    consecutive parameters of the same block. A small Jacobian (up to ``SMALL`` entries,
+    8 MB in float64) is copied to float64 once and multiplied exactly: per-step monitoring of
+    a small model is dominated by per-operation overhead, not arithmetic. A larger one goes
+    through ``_gram64`` (float32 chunks summed in float64, no float64 copy)."""
+    T, P = jac.shape
+    small = T * P <= SMALL
+    src = jac.double() if small else jac
+    out = torch.zeros(n_blocks, T, T, dtype=torch.float64) if small else np.zeros((n_blocks, T, T))
+    off = start = 0
+    for i, (bi, n) in enumerate(zip(block_idx, sizes)):
+        off += n
+        if i == len(sizes) - 1 or block_idx[i + 1] != bi:
+            part = src[:, start:off]
+            if small:
+                out[bi] += (part @ part.T).cpu()
+            else:
+                out[bi] += _gram64(part)
+            start = off
+    return out.numpy() if small else out
 
 
 def task_gradients(
@@ -114,11 +158,16 @@ def task_gradients(
     mode: str = "jacobian",
     block_depth: int = 2,
     retain_graph: bool = False,
+    extra: Sequence[torch.nn.Parameter] = (),
 ) -> TaskGradients:
     """The T x P matrix of per-task gradients of ``losses`` on ``params`` (one backward per
     task over the shared forward graph), with float64 Gramians overall and per block.
 
     ``mode="gramian"`` drops the Jacobian after the inner products are taken.
+    ``extra``: parameters outside the Jacobian (e.g. task heads) whose gradient of the
+    *summed* loss is wanted too; it comes from the same T backward passes
+    (``extra_grads``, None where no loss reaches a parameter), so a trainer needs no
+    further backward for them.
     """
     if mode not in ("jacobian", "gramian"):
         raise WorkbenchError(f"mode must be 'jacobian' or 'gramian', got {mode!r}")
@@ -136,24 +185,24 @@ def task_gradients(
         block_idx.append(blocks.index(b))
     sizes = [p.numel() for p in tensors]
     T, P = len(losses), sum(sizes)
+    extra = list(extra)
+    extra_sum: list = [None] * len(extra)
     jac = torch.empty(T, P, dtype=torch.float32, device=tensors[0].device)
     for t, loss in enumerate(losses):
-        grads = torch.autograd.grad(loss, tensors, retain_graph=retain_graph or t < T - 1, allow_unused=True)
+        grads = torch.autograd.grad(loss, tensors + extra, retain_graph=retain_graph or t < T - 1, allow_unused=True)
+        grads, more = grads[: len(tensors)], grads[len(tensors) :]
         if all(g is None for g in grads):
             raise WorkbenchError(f"loss {t} does not depend on the shared parameters: its gradient there is undefined")
-        off = 0
-        for g, n in zip(grads, sizes):
-            jac[t, off : off + n] = 0 if g is None else g.reshape(-1)
-            off += n
-    bg = np.zeros((len(blocks), T, T))
-    off = 0
-    for bi, n in zip(block_idx, sizes):
-        bg[bi] += _gram64(jac[:, off : off + n])
-        off += n
+        torch.cat([g.reshape(-1) if g is not None else torch.zeros(n, dtype=jac.dtype, device=jac.device)
+                   for g, n in zip(grads, sizes)], out=jac[t])
+        for i, g in enumerate(more):
+            if g is not None:
+                extra_sum[i] = g if extra_sum[i] is None else extra_sum[i] + g
+    bg = _block_gramians(jac, tuple(block_idx), tuple(sizes), len(blocks))
     gram = bg.sum(0)
     return TaskGradients(
         jacobian=jac if mode == "jacobian" else None, gramian=gram, block_gramians=bg, blocks=blocks,
-        losses=np.asarray([float(l.detach()) for l in losses]),
+        losses=np.asarray([float(l.detach()) for l in losses]), extra_grads=extra_sum if extra else None,
     )
 
 
@@ -175,20 +224,35 @@ def representation_gradients(losses: Sequence[torch.Tensor], features: torch.Ten
                          losses=np.asarray([float(l.detach()) for l in losses]), kind="representation")
 
 
+@lru_cache(maxsize=16)
+def _triu(T: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(T, 1)
+
+
 def conflict_summary(tg: TaskGradients) -> dict:
     """Pairwise cosines, the fraction of conflicting pairs (cosine < 0), gradient-magnitude
-    similarity (2|gi||gj| / (|gi|^2 + |gj|^2)), overall and per block."""
-    def one(g):
-        cos = cosine_from_gramian(g)
-        n = np.sqrt(np.clip(np.diag(g), 0, None))
-        iu = np.triu_indices(len(n), 1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            gms = 2 * np.outer(n, n) / (n[:, None] ** 2 + n[None, :] ** 2)
-        pairs = cos[iu]
-        return {"cosine": cos, "conflict_fraction": float(np.mean(pairs[~np.isnan(pairs)] < 0)) if len(pairs) else 0.0,
-                "magnitude_similarity": gms, "mean_cosine": float(np.nanmean(pairs))}
+    similarity (2|gi||gj| / (|gi|^2 + |gj|^2)), overall and per block (all of them in one
+    vectorised pass over the stacked Gramians: this runs at every monitored step)."""
+    g = np.concatenate([tg.gramian[None], tg.block_gramians])  # [1 + B, T, T]
+    T = g.shape[1]
+    n = np.sqrt(np.clip(np.einsum("bii->bi", g), 0, None))  # [1 + B, T]
+    nn = n[:, :, None] * n[:, None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(nn > 0, g / nn, np.nan)
+        gms = 2 * nn / (n[:, :, None] ** 2 + n[:, None, :] ** 2)
+    iu = _triu(T)
+    pairs = cos[:, iu[0], iu[1]]  # [1 + B, pairs]
+    valid = ~np.isnan(pairs)
+    n_valid = valid.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(n_valid > 0, (np.where(valid, pairs, 0) < 0).sum(1) / np.maximum(n_valid, 1), 0.0)
+        mean = np.where(n_valid > 0, np.where(valid, pairs, 0).sum(1) / n_valid, np.nan)
 
-    out = one(tg.gramian)
-    out["blocks"] = {b: one(g) for b, g in zip(tg.blocks, tg.block_gramians)}
+    def one(b):
+        return {"cosine": cos[b], "conflict_fraction": float(frac[b]), "magnitude_similarity": gms[b],
+                "mean_cosine": float(mean[b])}
+
+    out = one(0)
+    out["blocks"] = {name: one(b + 1) for b, name in enumerate(tg.blocks)}
     out["kind"] = tg.kind
     return out

@@ -25,7 +25,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.mtl.aggregators import STATEFUL, STATELESS, GradNorm, UncertaintyWeighting, aggregate
-from workbench.mtl.gradients import conflict_summary, task_gradients
+from workbench.mtl.gradients import task_gradients
 
 LossFn = Callable[[object, object], torch.Tensor]  # (task output, batch) -> scalar
 
@@ -56,18 +56,36 @@ def lookahead_affinity(losses_at: Callable[[], Sequence[torch.Tensor]], params: 
     return z
 
 
+def _cosines_and_conflicts(g: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Cosines [N, T, T] and conflict fractions (share of task pairs with cosine < 0, pairs
+    with a zero gradient left out) of N stacked Gramians: what ``conflict_summary`` gives,
+    without the quantities the history does not keep (this runs at every monitored step)."""
+    T = g.shape[1]
+    n = np.sqrt(np.clip(np.diagonal(g, axis1=1, axis2=2), 0, None))
+    nn = n[:, :, None] * n[:, None, :]
+    cos = np.full_like(g, np.nan)
+    np.divide(g, nn, out=cos, where=nn > 0)
+    iu = np.triu_indices(T, 1)
+    pairs = cos[:, iu[0], iu[1]]
+    valid = (nn[:, iu[0], iu[1]] > 0).sum(1)
+    neg = (pairs < 0).sum(1)  # NaN compares False
+    return cos, [float(a / b) if b else 0.0 for a, b in zip(neg, valid)]
+
+
 class MultiTaskTrainer:
     """Train ``model`` on ``tasks`` (name -> loss function of (task output, batch)).
 
     ``shared``: the shared parameters as (name, parameter) pairs (default: every
     parameter whose name starts with ``shared_prefix``). ``aggregator``: a name of
     :func:`~workbench.mtl.aggregate` or ``"uncertainty"`` / ``"gradnorm"``.
+    ``block_depth``: name parts that make a block when a name has no layer index
+    (``trunk.gpt_neox.embed_in`` needs 3).
     """
 
     def __init__(self, model: torch.nn.Module, tasks: dict[str, LossFn], data: Callable[[int], object], *,
                  shared_prefix: str = "trunk", aggregator: str = "equal", lr: float = 1e-3, monitor_every: int = 10,
                  affinity: bool = False, seed: int = 0, checkpoint: str | Path | None = None,
-                 checkpoint_every: int = 50, aggregator_params: dict | None = None) -> None:
+                 checkpoint_every: int = 50, aggregator_params: dict | None = None, block_depth: int = 2) -> None:
         if len(tasks) < 2:
             raise WorkbenchError(f"multi-task training needs at least two tasks, got {list(tasks)}")
         if aggregator not in STATELESS + STATEFUL:
@@ -85,6 +103,7 @@ class MultiTaskTrainer:
         self.own = [p for p in model.parameters() if id(p) not in shared_ids and p.requires_grad]
         self.aggregator, self.lr, self.monitor_every, self.affinity = aggregator, lr, monitor_every, affinity
         self.agg_params = dict(aggregator_params or {})
+        self.block_depth = block_depth  # how parameter names group into blocks (see gradients.block_of)
         self.state_agg = (UncertaintyWeighting(len(tasks)) if aggregator == "uncertainty"
                           else GradNorm(len(tasks)) if aggregator == "gradnorm" else None)
         self.seed = seed
@@ -128,30 +147,30 @@ class MultiTaskTrainer:
             torch.stack(losses).sum().backward()
         else:
             params = [p for _, p in self.shared]
-            # task heads: each gets the gradient of its own loss (the sum over tasks)
-            if self.own:
-                own_grads = torch.autograd.grad(torch.stack(losses).sum(), self.own, retain_graph=True, allow_unused=True)
-                for p, g in zip(self.own, own_grads):
-                    p.grad = g
-            tg = task_gradients(losses, self.shared)
+            # task heads get the gradient of the summed loss, from the same T backward passes
+            tg = task_gradients(losses, self.shared, block_depth=self.block_depth, extra=self.own)
+            for p, g in zip(self.own, tg.extra_grads or ()):
+                p.grad = g
             j = tg.jacobian
             if self.state_agg is not None:
                 update, weights = self.state_agg(j, tg.losses)
+            elif self.aggregator == "equal":  # the plain summed gradient, as an unmonitored step takes it
+                update, weights = j.sum(0), np.ones(len(losses))
             else:
                 update, weights = aggregate(j, self.aggregator, **self.agg_params)
             off = 0
             for p in params:
                 n = p.numel()
-                p.grad = update[off : off + n].view_as(p).to(p.dtype).clone()
+                p.grad = update[off : off + n].view_as(p).to(p.dtype, copy=True)
                 off += n
             if monitored:
-                s = conflict_summary(tg)
+                cos, frac = _cosines_and_conflicts(np.concatenate([tg.gramian[None], tg.block_gramians]))
                 record = {
                     "step": step, "losses": tg.losses.tolist(), "norms": tg.norms.tolist(),
-                    "cosine": s["cosine"].tolist(), "conflict_fraction": s["conflict_fraction"],
+                    "cosine": cos[0].tolist(), "conflict_fraction": frac[0],
                     "blocks": tg.blocks,
-                    "block_cosine": [b["cosine"].tolist() for b in s["blocks"].values()],
-                    "block_conflict_fraction": [b["conflict_fraction"] for b in s["blocks"].values()],
+                    "block_cosine": cos[1:].tolist(),
+                    "block_conflict_fraction": frac[1:],
                     "weights": np.asarray(weights, float).tolist(), "aggregator": self.aggregator,
                 }
                 if self.affinity:

@@ -50,3 +50,151 @@ def accuracy(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float
     with torch.no_grad():
         out = model(data)
     return {t: float((out[t].argmax(-1) == data[t]).float().mean()) for t in out}
+
+
+# --------------------------------------------------------------------------- text tasks
+
+#: The default text workload: four word tasks of the suite as zero-shot prompts (``cat ->``).
+TEXT_TASKS = ("capitalize", "first_letter", "present_past", "singular_plural")
+#: Same prompts, contradicting answers (``cat ->`` must give ``Cat`` for one and ``c`` for
+#: the other): a conflict built in on purpose.
+CONFLICTING_PAIR = ("capitalize", "first_letter")
+#: Both inflect a word (``go -> went``, ``cat -> cats``); their gradients agree.
+COMPATIBLE_PAIR = ("present_past", "singular_plural")
+
+
+class TextTasksNet(nn.Module):
+    """A causal LM as the shared trunk of several next-token tasks.
+
+    ``trunk`` is the whole decoder including its (tied) unembedding, so every parameter is
+    shared; a task's "head" is its answer tokens. ``forward(batch)`` runs the rows of all
+    tasks in one pass and returns, per task, the logits at the last real position of that
+    task's rows.
+    """
+
+    def __init__(self, lm: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.trunk = lm
+        self.names = tuple(names)
+
+    def forward(self, batch):
+        logits = self.trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        last = logits[torch.arange(len(logits)), batch["attention_mask"].sum(-1) - 1]
+        return {name: last[batch["task"] == i] for i, name in enumerate(self.names)}
+
+
+class TextTasks:
+    """Several text tasks of the suite as one multi-task problem on a zoo decoder.
+
+    Every prompt is zero-shot (``x ->``), so a prompt does not say which task it belongs to.
+    Tasks named together in ``same_prompts`` are restricted to their common input words and
+    each batch gives them the *same* words: they are asked different answers for identical
+    prompts (a deliberate conflict). Train and test words never overlap: for the
+    same-prompt tasks a word is held out when either task's suite split holds it out.
+
+    ``model()`` gives a fresh copy of the pretrained decoder wrapped as a
+    :class:`TextTasksNet`; ``losses()`` the per-task cross-entropy on the answer token;
+    ``sampler(batch_per_task)`` a seeded ``step -> batch``; ``accuracy(model)`` the
+    per-task exact-match accuracy of the answer token on the test words.
+    """
+
+    #: parameter names ``trunk.gpt_neox.embed_in`` / ``trunk.gpt_neox.layers.0`` -> blocks
+    block_depth = 3
+
+    def __init__(self, tasks=TEXT_TASKS, *, same_prompts=CONFLICTING_PAIR, model: str = "tasklm") -> None:
+        import copy
+        import warnings
+
+        import workbench
+        from workbench.data.builders import finetune_data
+        from workbench.errors import WorkbenchError
+
+        self.names = tuple(tasks)
+        same = tuple(same_prompts or ())
+        if len(self.names) < 2 or len(set(self.names)) != len(self.names):
+            raise WorkbenchError(f"need at least two distinct tasks, got {list(self.names)}")
+        if any(t not in self.names for t in same) or len(same) == 1:
+            raise WorkbenchError(f"same_prompts must name two or more of the tasks {list(self.names)}, got {list(same)}")
+        subject = workbench.load(model, device="cpu")
+        if not subject.has_logits:
+            raise WorkbenchError(f"the text workload needs a model with an LM head; {model!r} has none "
+                                 "(use 'tasklm' or a causal LM)")
+        self.tokenizer = subject.tokenizer
+        self._lm = copy.deepcopy(subject.model).float().eval()
+        self.same_prompts = same
+        pairs = {}
+        with warnings.catch_warnings():  # answers that are not one token are dropped, by count
+            warnings.simplefilter("ignore")
+            for t in self.names:
+                pairs[t] = {s: {q: a for q, a in zip(d["query"], d["answer_id"])}
+                            for s in ("train", "test")
+                            for d in [finetune_data(t, split=s, tokenizer=self.tokenizer)]}
+        if same:
+            held_out = set().union(*(pairs[t]["test"] for t in same))
+            common_train = sorted(set.intersection(*(set(pairs[t]["train"]) for t in same)) - held_out)
+            common_test = sorted(set.intersection(*(set(pairs[t]["train"]) | set(pairs[t]["test"]) for t in same)))
+            common_test = [w for w in common_test if w in held_out]
+            for t in same:
+                both = {**pairs[t]["train"], **pairs[t]["test"]}
+                pairs[t] = {"train": {w: both[w] for w in common_train}, "test": {w: both[w] for w in common_test}}
+        self.words = {t: {s: list(pairs[t][s]) for s in ("train", "test")} for t in self.names}
+        self._data = {s: self._tensors({t: pairs[t][s] for t in self.names}) for s in ("train", "test")}
+
+    def _tensors(self, per_task: dict[str, dict[str, int]]) -> dict:
+        prompts, answers, task = [], [], []
+        for i, t in enumerate(self.names):
+            prompts += [f"{q} ->" for q in per_task[t]]
+            answers += list(per_task[t].values())
+            task += [i] * len(per_task[t])
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        rows = {t: torch.nonzero(torch.tensor(task) == i)[:, 0] for i, t in enumerate(self.names)}
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "answer": torch.tensor(answers), "task": torch.tensor(task), "rows": rows}
+
+    def model(self) -> TextTasksNet:
+        import copy
+
+        return TextTasksNet(copy.deepcopy(self._lm), self.names)
+
+    def losses(self) -> dict:
+        def loss(i):
+            return lambda out, b: nn.functional.cross_entropy(out, b["answer"][b["task"] == i])
+
+        return {t: loss(i) for i, t in enumerate(self.names)}
+
+    def sampler(self, batch_per_task: int = 16, seed: int = 0, split: str = "train"):
+        """``step -> batch`` of ``batch_per_task`` rows per task, a seeded function of the
+        step; the same-prompt tasks get the same words."""
+        d = self._data[split]
+        keys = ("input_ids", "attention_mask", "answer", "task")
+
+        def sample(step: int) -> dict[str, torch.Tensor]:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            shared = None
+            idx = []
+            for t in self.names:
+                rows = d["rows"][t]
+                if t in self.same_prompts:
+                    if shared is None:
+                        shared = torch.randint(0, len(rows), (batch_per_task,), generator=g)
+                    pick = shared
+                else:
+                    pick = torch.randint(0, len(rows), (batch_per_task,), generator=g)
+                idx.append(rows[pick])
+            idx = torch.cat(idx)
+            return {k: d[k][idx] for k in keys}
+
+        return sample
+
+    def batch(self, split: str = "test") -> dict[str, torch.Tensor]:
+        """Every row of a split as one batch."""
+        d = self._data[split]
+        return {k: d[k] for k in ("input_ids", "attention_mask", "answer", "task")}
+
+    def accuracy(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        b = self.batch(split)
+        model.eval()
+        with torch.no_grad():
+            out = model(b)
+        return {t: float((out[t].argmax(-1) == b["answer"][b["task"] == i]).float().mean())
+                for i, t in enumerate(self.names)}
