@@ -272,3 +272,19 @@ def test_evaluation_result_roundtrip(tmp_path, tiny):
     ev.save(tmp_path / "e.safetensors")
     back = type(ev).load(tmp_path / "e.safetensors")
     assert back.equals(ev) and back.metrics == ev.metrics and back.l0 == ev.l0
+
+
+def test_gradient_clipping():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g) * 10
+
+    def trained(**kw):
+        sae = SAE(16, 32, kind="topk", k=4, seed=1)
+        train_sae(sae, x, steps=5, batch_size=64, lr=1e-2, progress=False, **kw)
+        return sae.state_dict()
+
+    plain, loose, tight = trained(), trained(max_grad_norm=1e12), trained(max_grad_norm=1e-3)
+    assert all(torch.equal(plain[k], loose[k]) for k in plain)  # a clip never reached changes nothing
+    assert not torch.allclose(plain["W_enc"], tight["W_enc"])
+    with pytest.raises(WorkbenchError, match="max_grad_norm"):
+        trained(max_grad_norm=0.0)

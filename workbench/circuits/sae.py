@@ -407,6 +407,7 @@ def train_sae(
     aux_k: int | None = None,
     aux_coeff: float = 1 / 32,
     resample_every: int | None = None,
+    max_grad_norm: float | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     seed: int = 0,
@@ -422,7 +423,9 @@ def train_sae(
     BatchTopK, ``aux_k`` of them, default d_in // 2). A feature is dead when it has not
     fired for ``dead_after`` tokens. ReLU SAEs can instead resample dead features every
     ``resample_every`` steps. Decoder rows are kept at unit norm (the gradient along
-    each row is removed before the step, the row renormalised after).
+    each row is removed before the step, the row renormalised after). ``max_grad_norm``
+    clips the gradients' total norm before each step (SAELens clips at 1.0; with the same
+    clip, initial weights and batches, both reach the same reconstruction error).
 
     ``checkpoint`` names a folder: every ``checkpoint_every`` steps (and at the end) the
     SAE, the optimiser, the dead-feature counters, the random state and the data
@@ -432,6 +435,8 @@ def train_sae(
     """
     from tqdm.auto import tqdm
 
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise WorkbenchError(f"max_grad_norm must be a positive number or None, got {max_grad_norm}")
     if steps < 0:
         raise WorkbenchError(f"steps must be >= 0, got {steps}")
     if sae.kind == "jumprelu":
@@ -504,6 +509,8 @@ def train_sae(
             with torch.no_grad():  # no gradient along each decoder row (its norm is fixed)
                 g, w = sae.W_dec.grad, sae.W_dec
                 g.sub_((g * w).sum(1, keepdim=True) * w)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
             opt.step()
             sae.normalize_decoder()
             if sae.kind == "relu" and resample_every and (step + 1) % resample_every == 0:
@@ -526,7 +533,7 @@ def train_sae(
     n = len(log["loss"])
     params = {"kind": sae.kind, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "lr": lr, "l1_coeff": l1_coeff,
               "steps": steps, "batch_size": batch_size, "dead_after": dead_after, "aux_coeff": aux_coeff,
-              "resample_every": resample_every, "site": sae.site}
+              "resample_every": resample_every, "max_grad_norm": max_grad_norm, "site": sae.site}
     return TrainingLog(dims={"step": list(range(n))},
                        data={k: (("step",), np.asarray(v, dtype=np.float64)) for k, v in log.items()},
                        attrs=params, provenance=provenance(seed=seed, params=params))

@@ -72,6 +72,15 @@ def _cosines_and_conflicts(g: np.ndarray) -> tuple[np.ndarray, list[float]]:
     return cos, [float(a / b) if b else 0.0 for a, b in zip(neg, valid)]
 
 
+def default_monitor_every(n_tasks: int) -> int:
+    """The default monitoring interval, ``20 * (T - 1)`` steps. Exact monitoring takes one
+    backward pass per task instead of one in all: T - 1 extra backward passes, about
+    2 (T - 1) / 3 of a plain step (a backward costs about two forwards), so every
+    20 (T - 1) steps it adds about 3% of compute plus the bookkeeping, under the 10% the
+    benchmarks check (``bench/task_gradients.py``)."""
+    return 20 * max(1, n_tasks - 1)
+
+
 class MultiTaskTrainer:
     """Train ``model`` on ``tasks`` (name -> loss function of (task output, batch)).
 
@@ -83,7 +92,8 @@ class MultiTaskTrainer:
     """
 
     def __init__(self, model: torch.nn.Module, tasks: dict[str, LossFn], data: Callable[[int], object], *,
-                 shared_prefix: str = "trunk", aggregator: str = "equal", lr: float = 1e-3, monitor_every: int = 10,
+                 shared_prefix: str = "trunk", aggregator: str = "equal", lr: float = 1e-3,
+                 monitor_every: int | None = None,
                  affinity: bool = False, seed: int = 0, checkpoint: str | Path | None = None,
                  checkpoint_every: int = 50, aggregator_params: dict | None = None, block_depth: int = 2) -> None:
         if len(tasks) < 2:
@@ -92,6 +102,8 @@ class MultiTaskTrainer:
             from workbench.errors import one_of
 
             raise one_of("aggregator", aggregator, STATELESS + STATEFUL)
+        if monitor_every is None:
+            monitor_every = default_monitor_every(len(tasks))
         if monitor_every < 1:
             raise WorkbenchError(f"monitor_every must be >= 1, got {monitor_every}")
         self.model, self.tasks, self.data = model, dict(tasks), data
