@@ -136,6 +136,23 @@ def page_problems(page) -> list[str]:
     return problems
 
 
+def require_chromium() -> None:
+    """Fail (not skip) without Chromium: a browser test that cannot run must not pass."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    if chromium_path() is None:
+        import pytest
+
+        pytest.fail("no Chromium found: run the tests through `python3 dev.py test`, which installs it")
+
+
+def build_ipynb(stem: str) -> str:
+    """(Re)build ``notebooks/<stem>.ipynb`` from its paired .py as dev.py and binder/postBuild
+    do (the jupytext CLI keeps the pairing metadata consistent); returns its name."""
+    source = ROOT / "notebooks" / f"{stem}.py"
+    subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--to", "ipynb", str(source)], check=True)
+    return f"{stem}.ipynb"
+
+
 def ensure_ipynb(stem: str) -> str:
     """Build ``notebooks/<stem>.ipynb`` from its paired .py when missing; returns its name."""
     target = ROOT / "notebooks" / f"{stem}.ipynb"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ui.lab import ARTIFACTS, ROOT, browser_page, chromium_path, open_and_run, page_problems, running_lab
+from tests.ui.lab import (
+    ARTIFACTS, ROOT, browser_page, build_ipynb, open_and_run, page_problems, require_chromium, running_lab,
+)
 
 pytestmark = [pytest.mark.ui]
 NB = "03_feature_circuits"
@@ -15,14 +17,8 @@ NB = "03_feature_circuits"
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_chromium():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    if chromium_path() is None:
-        pytest.fail("no Chromium found: run the tests through `python3 dev.py test`, which installs it")
-    import subprocess
-    import sys
-
-    subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--to", "ipynb", str(ROOT / "notebooks" / f"{NB}.py")],
-                   check=True)
+    require_chromium()
+    build_ipynb(NB)
 
 
 def _titles(page):

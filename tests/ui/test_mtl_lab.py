@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ui.lab import ARTIFACTS, ROOT, browser_page, chromium_path, ensure_ipynb, open_and_run, page_problems, running_lab
+from tests.ui.lab import (
+    ARTIFACTS, ROOT, browser_page, ensure_ipynb, open_and_run, page_problems, require_chromium, running_lab,
+)
 
 pytestmark = [pytest.mark.ui]
 
 
 def test_conflict_monitor_renders_and_reacts_in_jupyterlab():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    if chromium_path() is None:
-        pytest.fail("no Chromium found: run the tests through `python3 dev.py test`, which installs it")
+    require_chromium()
     name = ensure_ipynb("04_mtl_gradient_conflicts")
     with running_lab(ROOT / "notebooks") as (base, token), browser_page() as page:
         open_and_run(page, base, token, name, timeout_s=400)

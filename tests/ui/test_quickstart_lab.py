@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ui.lab import ARTIFACTS, ROOT, browser_page, chromium_path, open_and_run, page_problems, running_lab
+from tests.ui.lab import ARTIFACTS, ROOT, browser_page, open_and_run, page_problems, require_chromium, running_lab
 
 pytestmark = [pytest.mark.ui]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_chromium():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    if chromium_path() is None:
-        pytest.fail("no Chromium found: run the tests through `python3 dev.py test`, which installs it")
+    require_chromium()
     if not (ROOT / "notebooks" / "00_quickstart.ipynb").exists():
         import jupytext
 

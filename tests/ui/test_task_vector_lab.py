@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ui.lab import ARTIFACTS, ROOT, browser_page, chromium_path, open_and_run, page_problems, running_lab
+from tests.ui.lab import (
+    ARTIFACTS, ROOT, browser_page, build_ipynb, open_and_run, page_problems, require_chromium, running_lab,
+)
 
 pytestmark = [pytest.mark.ui]
 NB = "02_task_vectors"
@@ -14,15 +16,8 @@ NB = "02_task_vectors"
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_chromium():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    if chromium_path() is None:
-        pytest.fail("no Chromium found: run the tests through `python3 dev.py test`, which installs it")
-    import subprocess
-    import sys
-
-    # as dev.py and binder/postBuild build it (the CLI keeps the pairing metadata consistent)
-    subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--to", "ipynb", str(ROOT / "notebooks" / f"{NB}.py")],
-                   check=True)
+    require_chromium()
+    build_ipynb(NB)
 
 
 def test_task_vector_lab_renders_and_reacts_in_jupyterlab():
