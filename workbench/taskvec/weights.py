@@ -488,32 +488,30 @@ def trim_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
     threshold are all kept), zero the rest."""
     if not 0.0 <= density <= 1.0:
         raise WorkbenchError(f"density must be in [0, 1], got {density}")
-    n = delta.numel()
-    k = int(density * n)
-    if k >= n:
+    thresh = _trim_threshold(delta, density)
+    if thresh is None:
         return delta
-    if k == 0:
+    if thresh == float("inf"):
         return torch.zeros_like(delta)
+    return delta * (_magnitudes(delta) >= thresh).view_as(delta)
+
+
+def _magnitudes(delta: torch.Tensor) -> torch.Tensor:
+    """|delta| flattened, in float32 at least (kthvalue and float8 need it)."""
     mag = delta.abs().reshape(-1)
-    if mag.dtype not in (torch.float32, torch.float64):
-        mag = mag.float()
-    thresh = mag.kthvalue(n - k + 1).values  # the k-th largest magnitude
-    return delta * (mag >= thresh).view_as(delta)
+    return mag if mag.dtype in (torch.float32, torch.float64) else mag.float()
 
 
 def _trim_threshold(delta: torch.Tensor, density: float) -> float | None:
-    """The magnitude ``trim_topk`` keeps entries at or above (``None``: keep everything,
-    ``inf``: keep nothing)."""
+    """The magnitude ``trim_topk`` keeps entries at or above: the k-th largest, k =
+    ``int(density * numel)`` (``None``: keep everything, ``inf``: keep nothing)."""
     n = delta.numel()
     k = int(density * n)
     if k >= n:
         return None
     if k == 0:
         return float("inf")
-    mag = delta.abs().reshape(-1)
-    if mag.dtype not in (torch.float32, torch.float64):
-        mag = mag.float()
-    return mag.kthvalue(n - k + 1).values.item()
+    return _magnitudes(delta).kthvalue(n - k + 1).values.item()
 
 
 def dare_drop(delta: torch.Tensor, p: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
