@@ -229,23 +229,36 @@ def _triu(T: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(T, 1)
 
 
+def _cosines_and_conflicts(g: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Cosines [N, T, T] and conflict fractions (share of task pairs with cosine < 0, pairs
+    with a zero gradient left out) of N stacked Gramians: the part of ``conflict_summary``
+    the trainer's history keeps (it runs at every monitored step)."""
+    T = g.shape[1]
+    n = np.sqrt(np.clip(np.diagonal(g, axis1=1, axis2=2), 0, None))
+    nn = n[:, :, None] * n[:, None, :]
+    cos = np.full_like(g, np.nan)
+    np.divide(g, nn, out=cos, where=nn > 0)
+    iu = _triu(T)
+    pairs = cos[:, iu[0], iu[1]]
+    valid = (nn[:, iu[0], iu[1]] > 0).sum(1)
+    neg = (pairs < 0).sum(1)  # NaN compares False
+    return cos, [float(a / b) if b else 0.0 for a, b in zip(neg, valid)]
+
+
 def conflict_summary(tg: TaskGradients) -> dict:
     """Pairwise cosines, the fraction of conflicting pairs (cosine < 0), gradient-magnitude
     similarity (2|gi||gj| / (|gi|^2 + |gj|^2)), overall and per block (all of them in one
-    vectorised pass over the stacked Gramians: this runs at every monitored step)."""
+    vectorised pass over the stacked Gramians)."""
     g = np.concatenate([tg.gramian[None], tg.block_gramians])  # [1 + B, T, T]
-    T = g.shape[1]
+    cos, frac = _cosines_and_conflicts(g)
     n = np.sqrt(np.clip(np.einsum("bii->bi", g), 0, None))  # [1 + B, T]
-    nn = n[:, :, None] * n[:, None, :]
     with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(nn > 0, g / nn, np.nan)
-        gms = 2 * nn / (n[:, :, None] ** 2 + n[:, None, :] ** 2)
-    iu = _triu(T)
+        gms = 2 * n[:, :, None] * n[:, None, :] / (n[:, :, None] ** 2 + n[:, None, :] ** 2)
+    iu = _triu(g.shape[1])
     pairs = cos[:, iu[0], iu[1]]  # [1 + B, pairs]
     valid = ~np.isnan(pairs)
     n_valid = valid.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(n_valid > 0, (np.where(valid, pairs, 0) < 0).sum(1) / np.maximum(n_valid, 1), 0.0)
         mean = np.where(n_valid > 0, np.where(valid, pairs, 0).sum(1) / n_valid, np.nan)
 
     def one(b):

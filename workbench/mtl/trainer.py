@@ -25,7 +25,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.mtl.aggregators import STATEFUL, STATELESS, GradNorm, UncertaintyWeighting, aggregate
-from workbench.mtl.gradients import task_gradients
+from workbench.mtl.gradients import _cosines_and_conflicts, task_gradients
 
 LossFn = Callable[[object, object], torch.Tensor]  # (task output, batch) -> scalar
 
@@ -54,22 +54,6 @@ def lookahead_affinity(losses_at: Callable[[], Sequence[torch.Tensor]], params: 
             for p, s in zip(params, saved):
                 p.copy_(s)
     return z
-
-
-def _cosines_and_conflicts(g: np.ndarray) -> tuple[np.ndarray, list[float]]:
-    """Cosines [N, T, T] and conflict fractions (share of task pairs with cosine < 0, pairs
-    with a zero gradient left out) of N stacked Gramians: what ``conflict_summary`` gives,
-    without the quantities the history does not keep (this runs at every monitored step)."""
-    T = g.shape[1]
-    n = np.sqrt(np.clip(np.diagonal(g, axis1=1, axis2=2), 0, None))
-    nn = n[:, :, None] * n[:, None, :]
-    cos = np.full_like(g, np.nan)
-    np.divide(g, nn, out=cos, where=nn > 0)
-    iu = np.triu_indices(T, 1)
-    pairs = cos[:, iu[0], iu[1]]
-    valid = (nn[:, iu[0], iu[1]] > 0).sum(1)
-    neg = (pairs < 0).sum(1)  # NaN compares False
-    return cos, [float(a / b) if b else 0.0 for a, b in zip(neg, valid)]
 
 
 def default_monitor_every(n_tasks: int) -> int:
