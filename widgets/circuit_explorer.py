@@ -247,6 +247,7 @@ class CircuitExplorer(W.VBox):
         self.steer_positions = steer_positions
         self.selected: int | None = None
         self.last = None  # the last Intervention or faithfulness figure
+        self._baseline = None  # (clean batch, metric of the spliced model, metric with every node mean-ablated)
         top = float(np.abs(graph["effect"]).max()) or 1.0
         w = np.abs(graph["edge_weight"])
         etop = float(w.max()) if len(w) else 1.0
@@ -415,13 +416,16 @@ class CircuitExplorer(W.VBox):
         from workbench.circuits.attribution import _inputs, _metric_value, spliced_run
 
         def run():
-            batch = self.subject.as_batch(_inputs(self.clean))
-            _, _, logits = spliced_run(self.subject, batch, self.saes)
-            full = float(_metric_value(self.metric, logits, batch))
-            empty = ablated_metric(self.subject, self.saes, batch, self.metric, {}, self.means)
-            kept = ablated_metric(self.subject, self.saes, batch, self.metric, self.circuit(), self.means)
+            if self._baseline is None:  # the model's and the all-ablated metric: the same at every threshold
+                batch = self.subject.as_batch(_inputs(self.clean))
+                _, _, logits = spliced_run(self.subject, batch, self.saes)
+                full = float(_metric_value(self.metric, logits, batch))
+                self._baseline = batch, full, ablated_metric(self.subject, self.saes, batch, self.metric, {}, self.means)
+            batch, full, empty = self._baseline
+            circuit = self.circuit()
+            kept = ablated_metric(self.subject, self.saes, batch, self.metric, circuit, self.means)
             frac = (kept - empty) / (full - empty) if full != empty else float("nan")
-            n = len(self.shown()[0])
+            n = sum(map(len, circuit.values()))
             with self.bars.batch_update():
                 self.bars.data[0].y = [full, kept]
                 self.bars.layout.title.text = f"faithfulness of {n} nodes: {frac:.3f}"
