@@ -9,6 +9,8 @@ import os
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
+# one torch thread per test worker (and per notebook kernel it starts): the workers share the cores
+os.environ.setdefault("WORKBENCH_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

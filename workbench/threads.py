@@ -1,0 +1,85 @@
+"""How many CPU threads torch uses: the CPU share this process actually gets.
+
+torch sizes its thread pool from the cores it sees, not the share it gets. Under a CPU
+quota (Binder, a container, a CI runner) or beside another busy process, that
+oversubscribes the cores and a tutorial can crawl tens of times slower. So
+``import workbench`` sets torch's intra-op threads to :func:`available_cpus`: the CPUs
+this process may run on (its affinity mask) capped by the cgroup CPU quota
+(``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in v1).
+
+Override it, in this order of precedence:
+
+- ``WORKBENCH_THREADS=N`` in the environment (read at import);
+- ``workbench.set_threads(N)`` at any time;
+- ``WORKBENCH_THREADS=torch`` leaves torch's own default untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from workbench.errors import WorkbenchError
+
+ENV = "WORKBENCH_THREADS"
+
+
+def _cgroup_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs allowed by the cgroup quota, or None when unlimited / unknown."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process can use: its affinity mask, capped by the cgroup quota (>= 1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count to ``n`` (default: :func:`available_cpus`);
+    returns the count now in force."""
+    import torch
+
+    if n is None:
+        n = available_cpus()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise WorkbenchError(f"the thread count must be a positive integer, got {n!r}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def configure_from_env() -> int | None:
+    """What ``import workbench`` does: ``WORKBENCH_THREADS`` if set, else the CPU share."""
+    raw = os.environ.get(ENV, "").strip()
+    if raw == "torch":
+        return None
+    if raw:
+        try:
+            n = int(raw)
+        except ValueError:
+            raise WorkbenchError(f"{ENV}={raw!r} is not a thread count; set a positive integer or 'torch'") from None
+        return set_threads(n)
+    return set_threads()
+
+
+__all__ = ["ENV", "available_cpus", "configure_from_env", "set_threads"]
