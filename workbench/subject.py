@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.layout import FAMILIES, Family, Site, all_sites, family_for, parse_site
+from workbench.layout import FAMILIES, SITE_KINDS as SITE_SHAPES, Family, Site, all_sites, family_for, parse_site
 
 Inputs = Any  # list[str] | str | dict with input_ids | LongTensor [batch, pos]
 Patch = Mapping[str, "torch.Tensor | Callable[[torch.Tensor], torch.Tensor]"]
@@ -237,6 +237,7 @@ class Subject:
             )
         if batch.input_ids.numel() == 0:
             raise WorkbenchError("empty input: no tokens to run")
+        self._check_batch(batch)
         limit = max_length or self.max_positions
         if limit is not None and batch.input_ids.shape[1] > limit:
             lengths = batch.attention_mask.sum(-1)
@@ -250,6 +251,34 @@ class Subject:
             batch.attention_mask.to(dev).long(),
             {k: v.to(dev) for k, v in batch.extra.items()},
         )
+
+    def _check_batch(self, batch: Batch) -> None:
+        """Token ids in range and integer, a right-padded 0/1 mask of the same shape, and at
+        least one real token per row (a wrong mask would silently misplace every row's last
+        token)."""
+        ids, mask = batch.input_ids, batch.attention_mask
+        if ids.ndim != 2:
+            raise WorkbenchError(f"token ids must be [batch, pos] (or [pos] for one prompt), got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise WorkbenchError(f"token ids must be integers, got dtype {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.d_vocab:
+            bad = lo if lo < 0 else hi
+            raise WorkbenchError(f"token id {bad} is outside this model's vocabulary (ids 0..{self.d_vocab - 1})")
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise WorkbenchError(
+                f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}; they must match")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise WorkbenchError("attention_mask must hold only 0 and 1")
+        empty = (mask.sum(-1) == 0).nonzero()
+        if len(empty):
+            raise WorkbenchError(f"prompt {int(empty[0, 0])} has no real tokens (its attention_mask is all zeros)")
+        if mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
+            row = int((mask[:, 1:] > mask[:, :-1]).any(-1).nonzero()[0, 0])
+            raise WorkbenchError(
+                f"prompt {row} is not right-padded (its attention_mask has a 0 before a 1); the workbench reads each "
+                "prompt's last real token at sum(mask) - 1, so pad on the right (pass the prompts as strings, or "
+                "tokenize with padding_side='right')")
 
     def batches(self, inputs: Sequence[str], batch_size: int) -> Iterator[Batch]:
         """Split prompts into padded batches of ``batch_size``."""
@@ -335,6 +364,29 @@ class Subject:
             out = env.output
             env.output = (value, *out[1:]) if isinstance(out, tuple) else value
 
+    def patch(self, site: str | Site, fn) -> None:
+        """Inside a trace: replace ``site`` by ``fn(current)`` (or by the tensor ``fn``).
+
+        The new value must have the site's shape, or broadcast to it (a mean vector
+        [d_model] over every position, say); anything else is refused with both shapes."""
+        s = self.site(site)
+        cur = self.read(s)
+        new = fn(cur) if callable(fn) else fn
+        if not isinstance(new, torch.Tensor):
+            raise WorkbenchError(f"the patch for site {s.name!r} gave a {type(new).__name__}, not a tensor")
+        want = tuple(cur.shape)
+        if tuple(new.shape) != want:
+            try:
+                ok = tuple(torch.broadcast_shapes(tuple(new.shape), want)) == want
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise WorkbenchError(
+                    f"the patch for site {s.name!r} has shape {tuple(new.shape)}, but the activation there is {want} "
+                    f"({SITE_SHAPES.get(s.kind, '')}); pass a tensor of that shape or one that broadcasts to it")
+            new = new.expand(want)
+        self.write(s, new.to(cur.dtype) if new.dtype != cur.dtype else new)
+
     # ------------------------------------------------------------------ conveniences
 
     def _plan(self, reads: Iterable[str], patch: Patch | None) -> list[tuple[Site, str, Any]]:
@@ -369,7 +421,7 @@ class Subject:
             out = {}
             for s, op, fn in plan:
                 if op == "patch":
-                    self.write(s, fn(self.read(s)) if callable(fn) else fn)
+                    self.patch(s, fn)
                 else:
                     out[s.name] = self.read(s)
             out = _save(out)
@@ -408,7 +460,7 @@ class Subject:
                 saved, deltas = {}, {}
                 for s, op, fn in plan:
                     if op == "patch":
-                        self.write(s, fn(self.read(s)) if callable(fn) else fn)
+                        self.patch(s, fn)
                     elif s.kind == "logits":
                         logits = self.read(s)
                     else:
@@ -465,7 +517,13 @@ def _save(obj):
 def _pick_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise WorkbenchError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use device='cpu' or 'auto'")
+    return dev
 
 
 def _pick_dtype(dtype, device: torch.device):
@@ -478,6 +536,8 @@ def _pick_dtype(dtype, device: torch.device):
     return dtype
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -548,7 +608,14 @@ def load(
         raise WorkbenchError(
             f"could not load {name!r}: {err}. Offline, use a zoo name ({', '.join(zoo.names())}) or a local path."
         ) from err
+    except ValueError as err:  # a folder whose config.json is missing or has no model_type
+        raise WorkbenchError(f"{name!r} holds no usable Hugging Face config.json ({err})") from err
     family_for(config.model_type)  # unsupported architectures fail before any weights load
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise WorkbenchError(
+            f"the model folder {path!r} has no tokenizer files (any of {', '.join(_TOKENIZER_FILES)}); save the "
+            "tokenizer beside the model (tokenizer.save_pretrained(folder)) or wrap the model with "
+            "workbench.from_model(model, tokenizer)")
     cls = _model_class(config)
     kwargs = dict(hf_kwargs)
     kwargs.setdefault("dtype", _pick_dtype(dtype, dev))
