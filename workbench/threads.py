@@ -2,10 +2,12 @@
 
 torch sizes its thread pool from the cores it sees, not the share it gets. Under a CPU
 quota (Binder, a container, a CI runner) or beside another busy process, that
-oversubscribes the cores and a tutorial can crawl tens of times slower. So
-``import workbench`` sets torch's intra-op threads to :func:`available_cpus`: the CPUs
-this process may run on (its affinity mask) capped by the cgroup CPU quota
-(``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in v1).
+oversubscribes the cores and a tutorial can crawl tens of times slower (a thread that
+waits at a barrier for a descheduled sibling). So ``import workbench`` sets torch's
+intra-op threads to :func:`available_cpus`: the CPUs this process may run on (its
+affinity mask), capped by the cgroup CPU quota (``cpu.max`` in cgroup v2,
+``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in v1), less the other processes running
+at that moment (``procs_running`` in ``/proc/stat``), and at least one.
 
 Override it, in this order of precedence:
 
@@ -42,8 +44,21 @@ def _cgroup_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return None
 
 
-def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """CPUs this process can use: its affinity mask, capped by the cgroup quota (>= 1)."""
+def _others_running(stat: str = "/proc/stat") -> int:
+    """Processes running now besides this one (0 when unknown)."""
+    try:
+        with open(stat) as f:
+            for line in f:
+                if line.startswith("procs_running"):
+                    return max(0, int(line.split()[1]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup", *, stat: str | None = "/proc/stat") -> int:
+    """CPUs this process can use: its affinity mask, capped by the cgroup quota, less the
+    processes running besides it (read from ``stat``; ``stat=None`` ignores them); >= 1."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -51,6 +66,8 @@ def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
     quota = _cgroup_quota(cgroup_root)
     if quota is not None:
         n = min(n, max(1, math.floor(quota)))
+    if stat is not None:
+        n -= _others_running(stat)
     return max(1, n)
 
 

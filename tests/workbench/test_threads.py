@@ -22,17 +22,17 @@ def _cgroup(tmp_path, v2=None, v1=None):
 
 def test_quota_caps_affinity(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert threads.available_cpus(_cgroup(tmp_path / "a", v2="150000 100000")) == 1
-    assert threads.available_cpus(_cgroup(tmp_path / "b", v2="400000 100000")) == 4
-    assert threads.available_cpus(_cgroup(tmp_path / "c", v2="max 100000")) == 16
-    assert threads.available_cpus(_cgroup(tmp_path / "d", v1=(200000, 100000))) == 2
-    assert threads.available_cpus(_cgroup(tmp_path / "e", v1=(-1, 100000))) == 16
-    assert threads.available_cpus(str(tmp_path / "missing")) == 16
+    assert threads.available_cpus(_cgroup(tmp_path / "a", v2="150000 100000"), stat=None) == 1
+    assert threads.available_cpus(_cgroup(tmp_path / "b", v2="400000 100000"), stat=None) == 4
+    assert threads.available_cpus(_cgroup(tmp_path / "c", v2="max 100000"), stat=None) == 16
+    assert threads.available_cpus(_cgroup(tmp_path / "d", v1=(200000, 100000)), stat=None) == 2
+    assert threads.available_cpus(_cgroup(tmp_path / "e", v1=(-1, 100000)), stat=None) == 16
+    assert threads.available_cpus(str(tmp_path / "missing"), stat=None) == 16
 
 
 def test_affinity_below_quota(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3})
-    assert threads.available_cpus(_cgroup(tmp_path, v2="800000 100000")) == 2
+    assert threads.available_cpus(_cgroup(tmp_path, v2="800000 100000"), stat=None) == 2
 
 
 def test_env_override_and_set_threads(monkeypatch):
@@ -51,3 +51,15 @@ def test_env_override_and_set_threads(monkeypatch):
         assert threads.set_threads(2) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_processes_are_left_their_cores(tmp_path, monkeypatch):
+    """Beside one busy process on two cores, one thread (two would wait on each other)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    stat = tmp_path / "stat"
+    root = str(tmp_path / "nocgroup")
+    for running, want in ((1, 2), (2, 1), (9, 1)):
+        stat.write_text(f"cpu  1 2 3\nprocs_running {running}\nprocs_blocked 0\n")
+        assert threads.available_cpus(root, stat=str(stat)) == want
+    stat.write_text("garbage")
+    assert threads.available_cpus(root, stat=str(stat)) == 2
