@@ -74,17 +74,64 @@ def running_lab(root_dir: Path):
         log.close()
 
 
+WIDTHS = (1024, 1440)  # the page widths every widget must fit
+
+
 @contextlib.contextmanager
-def browser_page():
+def browser_page(width: int = 1440, height: int = 1000):
+    """A Chromium page of ``width`` px; ``page.console_log`` collects every console message
+    (serialization warnings from the widget manager land there)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.console_log = []
+        page.on("console", lambda msg: page.console_log.append(f"{msg.type}: {msg.text}"))
         try:
             yield page
         finally:
             browser.close()
+
+
+def overflow_problems(page, tolerance: float = 1.0) -> list[str]:
+    """Figures, widget boxes and images that stick out of their output area (clipped or
+    scrolled away at this page width), and plot titles hidden under the plotly toolbar."""
+    return page.evaluate(
+        """(tol) => {
+            const out = [];
+            for (const area of document.querySelectorAll('.jp-OutputArea-output')) {
+                const a = area.getBoundingClientRect();
+                if (a.width === 0) continue;
+                const items = area.querySelectorAll('.js-plotly-plot, .widget-box, .widget-hbox, .widget-vbox, img, table');
+                for (const el of items) {
+                    const r = el.getBoundingClientRect();
+                    if (r.width === 0) continue;
+                    if (r.right > a.right + tol || r.left < a.left - tol) {
+                        const label = el.className.baseVal ?? el.className;
+                        out.push(`${el.tagName.toLowerCase()}.${String(label).split(' ')[0]} spans ${Math.round(r.left)}..`
+                                 + `${Math.round(r.right)} px, its output area ${Math.round(a.left)}..${Math.round(a.right)}`);
+                    }
+                }
+            }
+            for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+                const bar = plot.querySelector('.modebar');
+                const title = plot.querySelector('.gtitle');
+                if (!bar || !title || !title.textContent) continue;
+                const b = bar.getBoundingClientRect(), t = title.getBoundingClientRect();
+                const overlap = !(t.right < b.left || t.left > b.right || t.bottom < b.top || t.top > b.bottom);
+                if (overlap && b.width > 0) out.push(`title "${title.textContent.slice(0, 40)}" lies under the plot toolbar`);
+            }
+            return out;
+        }""",
+        tolerance,
+    )
+
+
+def serialization_warnings(page) -> list[str]:
+    """Console messages of values the widget manager could not send (NaN in JSON, ...)."""
+    keys = ("Message serialization failed", "not JSON compliant", "Out of range float")
+    return [m for m in getattr(page, "console_log", []) if any(k in m for k in keys)]
 
 
 def open_and_run(page, base: str, token: str, notebook: str, timeout_s: float = 480) -> None:
