@@ -54,7 +54,7 @@ class ConflictMonitor(W.VBox):
     step = traitlets.Int(None, allow_none=True)
     #: move ``step`` to each new record
     follow = traitlets.Bool(True)
-    #: two task names, or () for the mean over pairs
+    #: two task names (kept in the order of the tasks), or () for the mean over pairs
     task_pair = traitlets.Tuple()
     #: a block name, or "" for the whole shared trunk
     block = traitlets.Unicode(ALL_BLOCKS)
@@ -232,7 +232,7 @@ class ConflictMonitor(W.VBox):
         tasks = self._hist.coord("task")
         if pair and (len(pair) != 2 or pair[0] == pair[1] or any(t not in tasks for t in pair)):
             raise traitlets.TraitError(f"task_pair must be two different tasks of {tasks}, or ()")
-        return pair
+        return tuple(sorted(pair, key=tasks.index))  # cosines are symmetric: one order, the tasks'
 
     def _draw(self, hist: TrainingHistory | None = None) -> None:
         if self._busy:

@@ -57,6 +57,18 @@ def test_conflicting_pair_has_negative_cosine_and_compatible_pair_positive(tt):
     assert min(good) > 0.3, good
 
 
+def test_trainer_finds_the_layout_inside_the_wrapper(tt):
+    """The trainer names the blocks of the decoder inside TextTasksNet (``trunk.gpt_neox...``)
+    through its layout, with no family passed; the history carries the family."""
+    from workbench.mtl import MultiTaskTrainer
+
+    tr = MultiTaskTrainer(tt.model(), tt.losses(), tt.sampler(2))
+    assert tr.family is tt.family and tr.blocks == ["embed", "layer.0", "layer.1", "final_norm"]
+    h = tr.history
+    assert h.attrs["family"] == "gpt_neox" and h.provenance["model"] == tt.model().trunk.config._name_or_path
+    assert MultiTaskTrainer(tt.model(), tt.losses(), tt.sampler(2), family=None).blocks[0] == "trunk.gpt_neox.embed_in"
+
+
 def test_per_task_gradients_equal_separate_backward_passes_on_the_decoder(tt):
     model = tt.model()
     params = list(model.named_parameters())
