@@ -65,7 +65,8 @@ class ConflictMonitor(W.VBox):
 
     def __init__(self, trainer=None, steps: int | None = None, *, result: TrainingHistory | None = None) -> None:
         if (trainer is None) == (result is None):
-            raise WorkbenchError("ConflictMonitor takes a trainer (live) or result= (a saved training history), one of them")
+            raise WorkbenchError("ConflictMonitor takes a trainer (live) or result= (a saved training history), "
+                                 "one of them")
         if result is not None and not isinstance(result, TrainingHistory):
             raise WorkbenchError(f"result must be a training history (kind 'mtl_history'), got {result!r}")
         if trainer is not None and steps is None:

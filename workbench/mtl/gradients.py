@@ -252,8 +252,8 @@ def _task_names(losses, tasks) -> tuple[list, list[torch.Tensor]]:
     return names, losses
 
 
-def _gradients_result(jac: torch.Tensor | None, bg: np.ndarray, losses: np.ndarray, *, tasks: Sequence, blocks: Sequence[str],
-                     block_size: Sequence[int], wrt: str, params: dict) -> TaskGradients:
+def _gradients_result(jac: torch.Tensor | None, bg: np.ndarray, losses: Sequence[float], *, tasks: Sequence,
+                      blocks: Sequence[str], block_size: Sequence[int], wrt: str, params: dict) -> TaskGradients:
     """A :class:`TaskGradients` from block Gramians [B, T, T] (the Jacobian kept as the
     unsaved ``jacobian`` field when given)."""
     gram = bg.sum(0)
@@ -312,9 +312,9 @@ def task_gradients(
     bg = block_gramians(jac, block_index, sizes, len(blocks))
     block_size = np.bincount(block_index, weights=sizes, minlength=len(blocks)).astype(np.int64)
     fam = family if family is None or isinstance(family, str) else family.name
+    settings = {"mode": mode, "family": fam, "block_depth": block_depth, "n_params": int(sum(sizes))}
     res = _gradients_result(jac if mode == "jacobian" else None, bg, [float(l.detach()) for l in losses], tasks=names,
-                           blocks=blocks, block_size=block_size, wrt="parameters",
-                           params={"mode": mode, "family": fam, "block_depth": block_depth, "n_params": int(sum(sizes))})
+                            blocks=blocks, block_size=block_size, wrt="parameters", params=settings)
     res.extra_grads = extra_grads
     return res
 

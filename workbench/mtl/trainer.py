@@ -111,7 +111,8 @@ class TrainingHistory(Result):
         step and task), with an ``aggregator`` column beside ``step``."""
         frame = super().to_frame(variables)
         if "step" in frame.columns:
-            frame.insert(frame.columns.get_loc("step") + 1, "aggregator", [self.aggregator_at(s) for s in frame["step"]])
+            names = [self.aggregator_at(s) for s in frame["step"]]
+            frame.insert(frame.columns.get_loc("step") + 1, "aggregator", names)
         return frame
 
 
@@ -191,7 +192,7 @@ class MultiTaskTrainer:
         hf = model.get_submodule(prefix.rstrip(".")) if found is not None else None
         self._model_name = (getattr(hf.config, "_name_or_path", None) or type(hf).__name__) if hf is not None else None
         self.blocks, self._block_index = parameter_blocks([n for n, _ in self.shared], self.family, depth=block_depth,
-                                                          prefix=prefix)
+                                                          prefix=prefix if self.family is not None else "")
         self._sizes = [p.numel() for _, p in self.shared]
         self.block_depth, self.shared_prefix = block_depth, shared_prefix
         self.seed = seed
