@@ -19,6 +19,10 @@
 # predicts transfer against single-task baselines. Then the same on four text tasks of the
 # task suite sharing a whole transformer (the zoo's `tasklm` decoder), one pair of them in
 # conflict by construction. Offline, CPU, a few minutes.
+#
+# Everything measured here is a `Result` (per-task gradients, conflict summaries, a
+# training run's history): it saves to one file, loads back exactly, and the monitor at the
+# end draws a saved run again without the model.
 
 # %%
 import numpy as np
@@ -72,9 +76,11 @@ for agg, (tr, acc) in runs.items():
 
 # %%
 eq = runs["equal"][0]
-cos = np.array([r["cosine"][0][1] for r in eq.history])
-block_cos = np.array([[c[0][1] for c in r["block_cosine"]] for r in eq.history])  # [record, block]
-print("blocks:", eq.history[0]["blocks"])
+eq_hist = eq.history  # a TrainingHistory result: dims step, task, task_b, block
+cos = eq_hist["cosine"][:, 0, 1]
+block_cos = eq_hist["block_cosine"][:, :, 0, 1]  # [step, block]
+print(eq_hist)
+print("blocks:", eq_hist.coord("block"))
 print("cosine, first 5 records:", np.round(cos[:5], 3), " last 10 mean:", round(cos[-10:].mean(), 3))
 print("per block, last 10 records:", np.round(block_cos[-10:].mean(0), 3))
 print("share of monitored steps in conflict (cosine < 0):", round(float(np.mean(cos < 0)), 3))
@@ -98,8 +104,8 @@ def two_views(model, n=30):
         b = sample(step)
         h = model.trunk(b["image"])
         losses = [lf[t](model.heads[t](h), b) for t in ("left", "right")]
-        rep.append(representation_gradients(losses, h, retain_graph=True).cosines()[0, 1])
-        par.append(task_gradients(losses, list(model.trunk.named_parameters())).cosines()[0, 1])
+        rep.append(representation_gradients(losses, h, retain_graph=True)["cosine"][0, 1])
+        par.append(task_gradients(losses, list(model.trunk.named_parameters()))["cosine"][0, 1])
     return np.array(par), np.array(rep)
 
 
@@ -112,7 +118,7 @@ for when, (par, rep) in views.items():
 # They are different quantities: the representation cosines track the parameter cosines
 # only weakly from batch to batch (the printed correlations), and often disagree on the
 # sign. This workbench reports the representation view under its own name
-# (`kind="representation"`), never as the parameter conflict. On the text tasks below it
+# (`wrt="representation"`), never as the parameter conflict. On the text tasks below it
 # would say nothing at all: each task's loss reads only its own prompts' rows, so gradients
 # with respect to the per-token representation are orthogonal by construction.
 
@@ -123,7 +129,7 @@ for when, (par, rep) in views.items():
 # Transfer: the multi-task accuracy against the single-task baseline (error-rate based).
 
 # %%
-aff = np.array([(r["affinity"][0][1] + r["affinity"][1][0]) / 2 for r in eq.history])
+aff = (eq_hist["affinity"][:, 0, 1] + eq_hist["affinity"][:, 1, 0]) / 2
 print("mean lookahead affinity:", f"{aff.mean():.5f}", "| its sign agrees with the cosine's in",
       f"{np.mean(np.sign(aff) == np.sign(cos)):.0%} of records")
 errors_single = {t: 1 - a for t, a in single.items()}
@@ -140,7 +146,9 @@ tr_table = {agg: transfer(errors_single, {t: 1 - a for t, a in acc.items()}) for
 # *same* words in every batch, so they ask for different answers to identical prompts: a
 # conflict built in on purpose. `present_past` (`go -> went`) and `singular_plural`
 # (`cat -> cats`) both inflect a word. We train with equal weights, PCGrad and MGDA (150
-# steps, 16 prompts per task and step, Adam), monitor every 10 steps, and look per block.
+# steps, 16 prompts per task and step, Adam), monitor every 10 steps, and look per block:
+# the trainer finds the decoder's layout, so its blocks are `embed`, `layer.0`, `layer.1`,
+# `final_norm`, the names the other lenses report per-block numbers under.
 # Accuracy is the exact answer token, on the training words (how well each task is fitted)
 # and on held-out words.
 
@@ -168,7 +176,7 @@ text_pre = {"train": text.accuracy(pretrained, "train"), "test": text.accuracy(p
 text_runs = {}
 for agg in ["equal", "pcgrad", "mgda"]:
     tr = MultiTaskTrainer(text.model(), text.losses(), text.sampler(16), aggregator=agg, lr=1e-3, monitor_every=10,
-                          block_depth=text.block_depth, affinity=agg == "equal")
+                          affinity=agg == "equal")
     tr.fit(TEXT_STEPS, progress=False)
     text_runs[agg] = {"trainer": tr, "train": text.accuracy(tr.model, "train"), "test": text.accuracy(tr.model, "test"),
                       "loss": text_losses(tr.model)}
@@ -182,18 +190,19 @@ for name, r in [("pretrained", text_pre), *text_runs.items()]:
 # ### Which pairs conflict, and in which blocks
 
 # %%
-text_cos = {agg: np.array([r["cosine"] for r in r_["trainer"].history]) for agg, r_ in text_runs.items()}
-text_block = {agg: np.array([r["block_cosine"] for r in r_["trainer"].history]) for agg, r_ in text_runs.items()}
-tblocks = [b.replace("trunk.gpt_neox.", "") for b in text_runs["equal"]["trainer"].history[0]["blocks"]]
+text_hist = {agg: r_["trainer"].history for agg, r_ in text_runs.items()}
+text_cos = {agg: h["cosine"] for agg, h in text_hist.items()}  # [step, task, task_b]
+text_block = {agg: h["block_cosine"] for agg, h in text_hist.items()}  # [step, block, task, task_b]
+tblocks = text_hist["equal"].coord("block")
 print("mean pairwise cosine over the equal-weight run (rows/cols:", names, ")")
 print(np.round(text_cos["equal"].mean(0), 2))
 for agg in text_runs:
     print(f"{agg:7s} conflicting pair per block", dict(zip(tblocks, np.round(text_block[agg][:, :, ci, cj].mean(0), 2))),
           "| compatible pair", dict(zip(tblocks, np.round(text_block[agg][:, :, pi, pj].mean(0), 2))))
 print("conflicting pair, equal weights, over training:", np.round(text_cos["equal"][:, ci, cj], 2))
-mgda_w = np.array([r["weights"] for r in text_runs["mgda"]["trainer"].history])
+mgda_w = text_hist["mgda"]["weight"]
 print("MGDA mean task weights:", dict(zip(names, np.round(mgda_w.mean(0), 2))))
-text_aff = np.array([r["affinity"] for r in text_runs["equal"]["trainer"].history]).mean(0)
+text_aff = text_hist["equal"]["affinity"].mean(0)
 print("mean lookahead affinity (step on row task -> column task):")
 print(np.round(text_aff, 3))
 
@@ -201,15 +210,35 @@ print(np.round(text_aff, 3))
 # ## Watch it live
 #
 # The monitor shows the cosine and affinity matrices, the conflict fraction and losses
-# over time and the per-block cosines; "start" trains in a background thread (the notebook
-# stays responsive), "stop" ends it.
+# over time and the per-block cosines, for the step, task pair and block picked above the
+# figures; "start" trains in a background thread (the notebook stays responsive) with the
+# aggregator under "next run", "stop" ends it.
 
 # %%
 live = MultiTaskTrainer(MultiDigitsNet(), digit_losses(), batch_sampler(train, 64), aggregator="pcgrad", lr=3e-3,
                         monitor_every=10, affinity=True)
 monitor = ConflictMonitor(live, steps=200)
-monitor.start(background=False)  # a notebook run finishes it here; click "start" to go on
+monitor.start(background=False)  # a notebook run finishes it here; raise "until step" and click "start" to go on
 monitor
+
+# %% [markdown]
+# The run's history is a result like any other: one file, loaded back exactly, drawn again
+# with no model and no trainer (here, the text run's per-block view of the conflicting pair).
+
+# %%
+import tempfile
+from pathlib import Path
+
+from workbench.results import Result
+
+saved_path = Path(tempfile.mkdtemp()) / "text_equal_history.safetensors"
+text_hist["equal"].save(saved_path)
+reloaded = Result.load(saved_path)
+assert reloaded.equals(text_hist["equal"])
+print(reloaded.to_frame().head())
+replay = ConflictMonitor.from_result(reloaded)
+replay.task_pair = CONFLICTING_PAIR
+replay
 
 # %% [markdown]
 # ## What we measured
@@ -244,7 +273,7 @@ assert (accs.max(0) - accs.min(0)).max() < 0.08, "methods agree"
 assert abs(cos.mean()) < 0.2 and np.abs(block_cos.mean(0)).max() < 0.2, "near-orthogonal task gradients"
 assert 0.0 < np.mean(cos < 0) < 0.5, "conflicts happen, in a minority of steps"
 assert all(abs(v) < 0.5 for d in tr_table.values() for v in d.values()), "no large transfer either way"
-assert len(live.history) == 20 and live.step_count == 200
+assert len(live.history.coord("step")) == 20 and live.step_count == 200
 
 # the representation view is not the parameter view
 for when, (par, rep) in views.items():
@@ -254,7 +283,7 @@ tb, tm = text.sampler(16)(0), text_runs["equal"]["trainer"].model
 tout = tm.trunk(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"], output_hidden_states=True)
 tlast = tout.logits[torch.arange(len(tout.logits)), tb["attention_mask"].sum(-1) - 1]
 rc = representation_gradients([text.losses()[t](tlast[tb["task"] == i], tb) for i, t in enumerate(names)],
-                              tout.hidden_states[-1]).cosines()
+                              tout.hidden_states[-1])["cosine"]
 assert np.allclose(rc[~np.eye(len(names), dtype=bool)], 0.0), rc
 # text tasks: the built-in conflict is there, everywhere, stronger with depth
 eq_c = text_cos["equal"][:, ci, cj]
@@ -262,7 +291,7 @@ assert eq_c.mean() < -0.3 and np.mean(eq_c < 0) >= 0.9, eq_c
 assert text_cos["equal"][:, pi, pj].mean() > 0.05, "the compatible pair agrees"
 blk_c = text_block["equal"][:, :, ci, cj].mean(0)
 blk_p = text_block["equal"][:, :, pi, pj].mean(0)
-assert tblocks == ["embed_in", "layers.0", "layers.1", "final_layer_norm"], tblocks
+assert tblocks == ["embed", "layer.0", "layer.1", "final_norm"], tblocks
 assert (blk_c < -0.2).all() and (blk_p > 0).all(), (blk_c, blk_p)
 assert blk_c[2:].mean() < blk_c[:2].mean() - 0.1 and blk_c[0] == blk_c.max(), "deeper blocks conflict more"
 # what each method changes

@@ -1,5 +1,7 @@
 """MTL lens: per-task gradients equal separate backward passes on every layout family;
-each aggregator against its paper's definition on hand-built Jacobians; bad input."""
+their Results round-trip exactly; blocks carry the names every lens uses (and join a
+task-vector frame); each aggregator against its paper's definition on hand-built
+Jacobians; bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.mtl import (
+    ConflictSummary,
     GradNorm,
+    TaskGradients,
     UncertaintyWeighting,
     aggregate,
     conflict_summary,
@@ -19,6 +23,7 @@ from workbench.mtl import (
     shared_parameters,
     task_gradients,
 )
+from workbench.results import Result
 
 
 def _two_task_losses(subject, batch):
@@ -38,7 +43,8 @@ def test_task_gradients_equal_separate_backward_passes(tiny):
     model = subject.model
     batch = subject.tokenize(["hot -> cold ; big -> small", "the keys near the cabinet are old ."])
     params = shared_parameters(model)
-    tg = task_gradients(_two_task_losses(subject, batch), params)
+    tg = task_gradients(_two_task_losses(subject, batch), params, family=subject.family)
+    assert isinstance(tg, TaskGradients) and tg.wrt == "parameters"
     for t in range(tg.n_tasks):
         model.zero_grad()
         _two_task_losses(subject, batch)[t].backward()
@@ -46,13 +52,37 @@ def test_task_gradients_equal_separate_backward_passes(tiny):
         assert torch.allclose(tg.jacobian[t], ref, atol=1e-6, rtol=1e-5), (arch, t)
     model.zero_grad()
     j = tg.jacobian.double()
-    assert np.allclose(tg.gramian, (j @ j.T).numpy())
-    assert np.allclose(tg.block_gramians.sum(0), tg.gramian)
-    assert len(tg.blocks) > 3  # embeddings, each layer, ...
+    assert tg["gramian"].dtype == np.float64 and tg["block_gramian"].dtype == np.float64
+    assert np.allclose(tg["gramian"], (j @ j.T).numpy())
+    assert np.allclose(tg["block_gramian"].sum(0), tg["gramian"])
+    assert np.allclose(tg["norm"], j.norm(dim=1).numpy())
+    assert tg["block_size"].sum() == j.shape[1]
+    # embeddings, each layer (and the final norm where there is one), in depth order
+    assert tg.blocks[0] == "embed" and [b for b in tg.blocks if b.startswith("layer.")] == ["layer.0", "layer.1"], tg.blocks
     s = conflict_summary(tg)
-    assert np.allclose(np.diag(s["cosine"]), 1) and 0 <= s["conflict_fraction"] <= 1
-    g = task_gradients(_two_task_losses(subject, batch), params, mode="gramian")
-    assert g.jacobian is None and np.allclose(g.gramian, tg.gramian, rtol=1e-6)
+    assert isinstance(s, ConflictSummary) and np.allclose(np.diag(s["cosine"]), 1) and 0 <= s.conflict_fraction <= 1
+    assert s.block_frame()["block"].tolist() == tg.blocks
+    g = task_gradients(_two_task_losses(subject, batch), params, mode="gramian", family=subject.family)
+    assert g.jacobian is None and np.allclose(g["gramian"], tg["gramian"], rtol=1e-6)
+
+
+def test_results_round_trip_exactly(tmp_path, tiny):
+    """task_gradients, conflict_summary and representation_gradients results save and
+    load bit-exactly; the Jacobian is not saved."""
+    arch, subject = tiny
+    batch = subject.tokenize(["hot -> cold ; big -> small"])
+    tg = task_gradients(dict(zip(["a", "b", "c", "d"], _two_task_losses(subject, batch))), shared_parameters(subject.model),
+                        family=subject.family)
+    assert tg.coord("task")[:2] == ["a", "b"] and tg.jacobian is not None
+    feats = subject.model.get_input_embeddings()(batch.input_ids)
+    rg = representation_gradients([feats.pow(2).sum(), feats.sum()], feats)
+    for r in (tg, conflict_summary(tg), rg, conflict_summary(rg)):
+        back = Result.load(r.save(tmp_path / f"{r.kind}.safetensors"))
+        assert type(back) is type(r) and back.equals(r), r
+        assert all(back[v].dtype == r[v].dtype for v in r.variables)
+    back = Result.load(tg.save(tmp_path / "tg.safetensors"))
+    assert back.jacobian is None and back.extra_grads is None
+    assert conflict_summary(back).equals(conflict_summary(tg))  # a loaded result summarises the same
 
 
 def test_representation_gradients_are_named_as_such(tiny):
@@ -61,8 +91,63 @@ def test_representation_gradients_are_named_as_such(tiny):
     feats = subject.model.get_input_embeddings()(batch.input_ids)
     losses = [feats.pow(2).sum(), feats.sum()]
     tg = representation_gradients(losses, feats)
-    assert tg.kind == "representation" and conflict_summary(tg)["kind"] == "representation"
+    assert tg.wrt == "representation" and conflict_summary(tg).wrt == "representation"
+    assert tg.blocks == ["features"]
     assert torch.allclose(tg.jacobian[1], torch.ones(feats.numel()))
+
+
+def _tasklm_gradients(tasklm, **kw):
+    batch = tasklm.tokenize(["hot -> cold ; big -> small", "the keys near the cabinet are old ."])
+    logits = tasklm.model(**batch.kwargs()).logits
+    nll = -logits[:, :-1].log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    half = nll.shape[1] // 2
+    return task_gradients({"first_half": nll[:, :half].mean(), "second_half": nll[:, half:].mean()},
+                          shared_parameters(tasklm.model), **kw)
+
+
+def test_blocks_of_an_hf_model_are_the_shared_names(tasklm):
+    """tasklm (GPT-NeoX, 2 layers, tied unembedding) groups into the blocks every lens
+    names, resolved through its layout, and each block's Gramian is its own columns'."""
+    tg = _tasklm_gradients(tasklm, family=tasklm.family)
+    assert tg.blocks == ["embed", "layer.0", "layer.1", "final_norm"]  # the tied unembedding is the embedding
+    assert _tasklm_gradients(tasklm, family="gpt_neox").blocks == tg.blocks
+    j = tg.jacobian.double()
+    names = [n for n, _ in shared_parameters(tasklm.model)]
+    sizes = [p.numel() for _, p in shared_parameters(tasklm.model)]
+    cols = np.repeat([tg.blocks.index("layer.1" if ".layers.1." in n else "layer.0" if ".layers.0." in n
+                                      else "final_norm" if "final_layer_norm" in n else "embed") for n in names], sizes)
+    for b in range(len(tg.blocks)):
+        jb = j[:, torch.as_tensor(cols == b)]
+        assert np.allclose(tg["block_gramian"][b], (jb @ jb.T).numpy()), tg.blocks[b]
+    # without a family: module paths
+    assert _tasklm_gradients(tasklm).blocks[:2] == ["gpt_neox.embed_in", "gpt_neox.layers.0"]
+
+
+def test_per_block_conflicts_join_a_per_block_task_vector_frame(tasklm):
+    """The gradient-conflict frame and a task-vector frame (per-block norm of a weight
+    difference, blocks named from the state-dict keys as the task-vector lens does)
+    share their block names: a plain merge on block keeps every row."""
+    import pandas as pd
+
+    from workbench.blocks import block_of, family_of_keys
+
+    tg = _tasklm_gradients(tasklm, family=tasklm.family)
+    conflicts = conflict_summary(tg).block_frame()
+    base = tasklm.model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items() if v.is_floating_point()}
+    family = family_of_keys(tuned)
+    assert family is tasklm.family
+    sq: dict[str, float] = {}
+    for k, v in tuned.items():
+        b = block_of(k, family)
+        sq[b] = sq.get(b, 0.0) + float((v - base[k]).double().pow(2).sum())
+    tv = pd.DataFrame({"block": list(sq), "tv_norm": np.sqrt(list(sq.values()))})
+    joined = pd.merge(conflicts, tv, on=["block"])
+    assert len(joined) == len(conflicts) == 4 and joined["block"].tolist() == tg.blocks
+    assert joined["tv_norm"].gt(0).all() and joined["conflict_fraction"].between(0, 1).all()
+    # a state dict lists the tied unembedding under its own key: the one block gradients lack
+    assert set(tv["block"]) - set(conflicts["block"]) == {"unembed"}
 
 
 def test_bad_input():
@@ -183,11 +268,11 @@ def test_stateful_weightings():
 
 
 def test_gramian_is_float64_accurate_without_a_float64_copy():
-    from workbench.mtl.gradients import _gram64
+    from workbench.mtl.gradients import gram64
 
     torch.manual_seed(0)
     j = torch.randn(4, 1_000_000) * 1e-3 + 1e-4  # long rows: a plain float32 J J^T drifts
     ref = (j.double() @ j.double().T).numpy()
-    err = np.abs(_gram64(j) - ref).max() / np.abs(ref).max()
+    err = np.abs(gram64(j) - ref).max() / np.abs(ref).max()
     plain = np.abs((j @ j.T).double().numpy() - ref).max() / np.abs(ref).max()
     assert err < 1e-6 and plain > 10 * err

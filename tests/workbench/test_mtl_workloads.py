@@ -45,24 +45,36 @@ def test_conflicting_pair_has_negative_cosine_and_compatible_pair_positive(tt):
     k, m = (tt.names.index(t) for t in COMPATIBLE_PAIR)
     bad, good = [], []
     for step in range(4):
-        tg = task_gradients(_losses(tt, model, tt.sampler(32)(step)), shared, mode="gramian", block_depth=tt.block_depth)
-        c = tg.cosines()
+        tg = task_gradients(_losses(tt, model, tt.sampler(32)(step)), shared, mode="gramian", family=tt.family)
+        c = tg["cosine"]
         bad.append(c[i, j])
         good.append(c[k, m])
-        blocks = conflict_summary(tg)["blocks"]
-        assert set(blocks) == {"trunk.gpt_neox.embed_in", "trunk.gpt_neox.layers.0", "trunk.gpt_neox.layers.1",
-                               "trunk.gpt_neox.final_layer_norm"}
-        assert all(b["cosine"][i, j] < 0 for b in blocks.values()), step  # conflict in every block
+        s = conflict_summary(tg)
+        assert s.coord("block") == ["embed", "layer.0", "layer.1", "final_norm"]  # the names every lens uses
+        assert (s["block_cosine"][:, i, j] < 0).all(), step  # conflict in every block
     # measured at the pretrained weights, batch 32 per task: about -0.6 and +0.58
     assert max(bad) < -0.4, bad
     assert min(good) > 0.3, good
+
+
+def test_trainer_finds_the_layout_inside_the_wrapper(tt):
+    """The trainer names the blocks of the decoder inside TextTasksNet (``trunk.gpt_neox...``)
+    through its layout, with no family passed; the history carries the family."""
+    from workbench.mtl import MultiTaskTrainer
+
+    tr = MultiTaskTrainer(tt.model(), tt.losses(), tt.sampler(2))
+    assert tr.family is tt.family and tr.blocks == ["embed", "layer.0", "layer.1", "final_norm"]
+    h = tr.history
+    assert h.attrs["family"] == "gpt_neox" and h.provenance["model"] == tt.model().trunk.config._name_or_path
+    plain = MultiTaskTrainer(tt.model(), tt.losses(), tt.sampler(2), family=None, block_depth=3)  # module paths
+    assert plain.blocks[:2] == ["trunk.gpt_neox.embed_in", "trunk.gpt_neox.layers.0"]
 
 
 def test_per_task_gradients_equal_separate_backward_passes_on_the_decoder(tt):
     model = tt.model()
     params = list(model.named_parameters())
     batch = tt.sampler(6)(0)
-    tg = task_gradients(_losses(tt, model, batch), params, block_depth=tt.block_depth)
+    tg = task_gradients(_losses(tt, model, batch), params, family=tt.family)
     for t in range(len(tt.names)):
         model.zero_grad()
         _losses(tt, model, batch)[t].backward()

@@ -4,22 +4,33 @@
 sequential ``backward(retain_graph=True)`` loop of LibMTL, with ``torch.autograd.grad``),
 so it costs one forward plus T backwards and holds the T x P Jacobian, no more. Inner
 products (the Gramian, cosines, norms) accumulate in float64, per parameter block too.
+It returns a :class:`TaskGradients` result; ``conflict_summary`` turns one into a
+:class:`ConflictSummary` (cosines, conflict fractions, gradient-magnitude similarity,
+overall and per block).
+
+Blocks are the shared names of :mod:`workbench.blocks`: with a layout family (an HF
+model: pass ``family=subject.family``) a parameter belongs to ``embed``, ``layer.L``,
+``final_norm``, ``unembed`` or ``other``, as in every other lens; without one (a plain
+``nn.Module``) to its module path (``trunk.1``).
 
 Representation gradients (``representation_gradients``) are the gradients with respect
 to shared *features* instead of parameters, as MGDA-UB uses: cheaper, but a different
-quantity, and named as such everywhere.
+quantity, and named as such everywhere (``wrt="representation"``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from workbench.blocks import block_of, block_order
 from workbench.errors import WorkbenchError
+from workbench.layout import FAMILIES, Family
+from workbench.results import Result, provenance, register
+from workbench.stats import cosine_from_gramian
 
 
 def shared_parameters(module: torch.nn.Module, prefix: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
@@ -30,58 +41,34 @@ def shared_parameters(module: torch.nn.Module, prefix: str | None = None) -> lis
     return out
 
 
-@lru_cache(maxsize=65536)
-def block_of(name: str, depth: int = 2) -> str:
-    """Group parameter names into blocks: up to the first layer index
-    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else the first
-    ``depth`` name parts that are not weight/bias (``head.0``, ``trunk.fc1``)."""
-    parts = [p for p in name.split(".") if p not in ("weight", "bias")]
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:depth]) or name
+def family_of_model(model: torch.nn.Module) -> tuple[Family | None, str]:
+    """The layout family of the first HF model inside ``model`` (itself or a submodule
+    whose ``config.model_type`` has a layout) and that submodule's name prefix
+    (``"trunk."``), or ``(None, "")`` for a model with none (then blocks are module paths)."""
+    for name, mod in model.named_modules():
+        model_type = getattr(getattr(mod, "config", None), "model_type", None)
+        if isinstance(model_type, str):
+            fam = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+            if fam is not None:
+                return fam, f"{name}." if name else ""
+    return None, ""
 
 
-@dataclass
-class TaskGradients:
-    """Per-task gradients over shared parameters.
-
-    ``jacobian``: [T, P] float32 (None in Gramian-only mode); ``gramian``: [T, T] float64;
-    ``block_gramians``: [B, T, T] float64 over ``blocks`` (parameter groups);
-    ``losses``: the T loss values; ``kind``: ``"parameters"`` or ``"representation"``.
-    """
-
-    jacobian: torch.Tensor | None
-    gramian: np.ndarray
-    block_gramians: np.ndarray
-    blocks: list[str]
-    losses: np.ndarray
-    kind: str = "parameters"
-    extra_grads: list | None = None  # summed over tasks, for the ``extra`` parameters
-
-    @property
-    def n_tasks(self) -> int:
-        return self.gramian.shape[0]
-
-    @property
-    def norms(self) -> np.ndarray:
-        return np.sqrt(np.clip(np.diag(self.gramian), 0, None))
-
-    def cosines(self) -> np.ndarray:
-        return cosine_from_gramian(self.gramian)
-
-    def block_cosines(self) -> np.ndarray:
-        return np.stack([cosine_from_gramian(g) for g in self.block_gramians])
+def parameter_blocks(names: Sequence[str], family: Family | str | None = None, *, depth: int = 2,
+                     prefix: str = "") -> tuple[list[str], list[int]]:
+    """The blocks of parameters ``names`` (see :func:`workbench.blocks.block_of`) and each
+    name's index into them. ``prefix`` is cut from names that start with it before they
+    are resolved (the path of an HF model inside a wrapper). With a family the blocks come
+    in depth order (embed, layer.0, ..., final_norm, unembed, others); without one in the
+    order the parameters come."""
+    named = [block_of(n[len(prefix):] if prefix and n.startswith(prefix) else n, family, depth=depth) for n in names]
+    blocks = block_order(named) if family is not None else list(dict.fromkeys(named))
+    index = {b: i for i, b in enumerate(blocks)}
+    return blocks, [index[b] for b in named]
 
 
-def cosine_from_gramian(g: np.ndarray) -> np.ndarray:
-    n = np.sqrt(np.clip(np.diag(g), 0, None))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        c = g / np.outer(n, n)
-    return np.where(np.outer(n, n) > 0, c, np.nan)
-
-
-def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """At least two scalar, finite losses with a graph; otherwise an error naming the culprit."""
     losses = list(losses)
     if len(losses) < 2:
         raise WorkbenchError(f"gradient conflicts need at least two task losses, got {len(losses)}")
@@ -100,12 +87,10 @@ def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 CHUNK = 4096
-
-
 GROUP = 256  # chunks per batched product: bounds any temporary to T x 1M floats
 
 
-def _gram64(part: torch.Tensor) -> np.ndarray:
+def gram64(part: torch.Tensor) -> np.ndarray:
     """J J^T of a [T, n] float32 slice, accurate to float64 without a float64 copy: float32
     products over chunks of 4096 entries (short sums, small rounding error), the chunk
     results summed in float64. The chunks go through batched matrix products, up to
@@ -128,69 +113,45 @@ def _gram64(part: torch.Tensor) -> np.ndarray:
 SMALL = 1 << 20  # T * P entries up to which the Gramians come from one float64 copy of J
 
 
-def _block_gramians(jac: torch.Tensor, block_idx: tuple, sizes: tuple, n_blocks: int) -> np.ndarray:
-    """[B, T, T] float64 Gramians of the column blocks of ``jac``, one product per run of
+def block_gramians(jac: torch.Tensor, block_index: Sequence[int], sizes: Sequence[int], n_blocks: int) -> np.ndarray:
+    """[B, T, T] float64 Gramians of the column blocks of ``jac`` (parameter i has
+    ``sizes[i]`` columns and belongs to block ``block_index[i]``), one product per run of
     consecutive parameters of the same block. A small Jacobian (up to ``SMALL`` entries,
     8 MB in float64) is copied to float64 once and multiplied exactly: per-step monitoring of
     a small model is dominated by per-operation overhead, not arithmetic. A larger one goes
-    through ``_gram64`` (float32 chunks summed in float64, no float64 copy)."""
+    through ``gram64`` (float32 chunks summed in float64, no float64 copy)."""
     T, P = jac.shape
     small = T * P <= SMALL
     src = jac.double() if small else jac
     out = torch.zeros(n_blocks, T, T, dtype=torch.float64) if small else np.zeros((n_blocks, T, T))
     off = start = 0
-    for i, (bi, n) in enumerate(zip(block_idx, sizes)):
+    for i, (bi, n) in enumerate(zip(block_index, sizes)):
         off += n
-        if i == len(sizes) - 1 or block_idx[i + 1] != bi:
+        if i == len(sizes) - 1 or block_index[i + 1] != bi:
             part = src[:, start:off]
             if small:
                 out[bi] += (part @ part.T).cpu()
             else:
-                out[bi] += _gram64(part)
+                out[bi] += gram64(part)
             start = off
     return out.numpy() if small else out
 
 
-def task_gradients(
-    losses: Sequence[torch.Tensor],
-    params: Iterable[tuple[str, torch.nn.Parameter]] | Iterable[torch.nn.Parameter],
-    *,
-    mode: str = "jacobian",
-    block_depth: int = 2,
-    retain_graph: bool = False,
-    extra: Sequence[torch.nn.Parameter] = (),
-) -> TaskGradients:
-    """The T x P matrix of per-task gradients of ``losses`` on ``params`` (one backward per
-    task over the shared forward graph), with float64 Gramians overall and per block.
-
-    ``mode="gramian"`` drops the Jacobian after the inner products are taken.
-    ``extra``: parameters outside the Jacobian (e.g. task heads) whose gradient of the
-    *summed* loss is wanted too; it comes from the same T backward passes
-    (``extra_grads``, None where no loss reaches a parameter), so a trainer needs no
-    further backward for them.
-    """
-    if mode not in ("jacobian", "gramian"):
-        raise WorkbenchError(f"mode must be 'jacobian' or 'gramian', got {mode!r}")
-    losses = _check_losses(losses)
-    named = [(f"param{i}", p) if isinstance(p, torch.Tensor) else p for i, p in enumerate(params)]
-    if not named:
-        raise WorkbenchError("no shared parameters given")
-    tensors = [p for _, p in named]
-    blocks: list[str] = []
-    block_idx = []
-    for n, _ in named:
-        b = block_of(n, block_depth)
-        if b not in blocks:
-            blocks.append(b)
-        block_idx.append(blocks.index(b))
+def jacobian(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *, retain_graph: bool = False,
+             extra: Sequence[torch.nn.Parameter] = ()) -> tuple[torch.Tensor, list | None]:
+    """The [T, P] float32 matrix of per-task gradients of (checked) ``losses`` on
+    ``tensors``, one ``autograd.grad`` per loss over the shared graph; and, for the
+    ``extra`` parameters, the gradient of the summed loss from the same passes (None where
+    no loss reaches one; None in all when ``extra`` is empty)."""
     sizes = [p.numel() for p in tensors]
     T, P = len(losses), sum(sizes)
     extra = list(extra)
     extra_sum: list = [None] * len(extra)
     jac = torch.empty(T, P, dtype=torch.float32, device=tensors[0].device)
     for t, loss in enumerate(losses):
-        grads = torch.autograd.grad(loss, tensors + extra, retain_graph=retain_graph or t < T - 1, allow_unused=True)
-        grads, more = grads[: len(tensors)], grads[len(tensors) :]
+        grads = torch.autograd.grad(loss, list(tensors) + extra, retain_graph=retain_graph or t < T - 1,
+                                    allow_unused=True)
+        grads, more = grads[: len(tensors)], grads[len(tensors):]
         if all(g is None for g in grads):
             raise WorkbenchError(f"loss {t} does not depend on the shared parameters: its gradient there is undefined")
         torch.cat([g.reshape(-1) if g is not None else torch.zeros(n, dtype=jac.dtype, device=jac.device)
@@ -198,19 +159,173 @@ def task_gradients(
         for i, g in enumerate(more):
             if g is not None:
                 extra_sum[i] = g if extra_sum[i] is None else extra_sum[i] + g
-    bg = _block_gramians(jac, tuple(block_idx), tuple(sizes), len(blocks))
+    return jac, (extra_sum if extra else None)
+
+
+@lru_cache(maxsize=16)
+def _triu(T: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(T, 1)
+
+
+def conflict_fractions(cos: np.ndarray) -> np.ndarray:
+    """Conflict fractions [N] of stacked cosines [N, T, T]: the share of task pairs whose
+    cosine is < 0, pairs with a zero gradient (NaN cosine) left out (0 when none is left)."""
+    iu = _triu(cos.shape[-1])
+    pairs = cos[:, iu[0], iu[1]]
+    valid = (~np.isnan(pairs)).sum(1)
+    return np.divide((pairs < 0).sum(1), valid, out=np.zeros(len(pairs)), where=valid > 0)  # NaN compares False
+
+
+def cosines_and_conflicts(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosines [N, T, T] and conflict fractions [N] of N stacked Gramians [N, T, T] (the
+    trainer runs this at every monitored step)."""
+    cos = cosine_from_gramian(g)
+    return cos, conflict_fractions(cos)
+
+
+def mean_pair_cosine(cos: np.ndarray) -> np.ndarray:
+    """Mean cosine over the task pairs (i < j) of [..., T, T] cosines, NaN pairs left out
+    (NaN when none is left)."""
+    cos = np.asarray(cos, dtype=np.float64)
+    iu = _triu(cos.shape[-1])
+    pairs = cos[..., iu[0], iu[1]]
+    valid = ~np.isnan(pairs)
+    n = valid.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.where(valid, pairs, 0).sum(-1) / n, np.nan)
+
+
+def magnitude_similarity(g: np.ndarray) -> np.ndarray:
+    """Gradient-magnitude similarity 2|gi||gj| / (|gi|^2 + |gj|^2) [..., T, T] from
+    Gramians [..., T, T] (1: equal norms; NaN for two zero gradients)."""
+    sq = np.clip(np.diagonal(np.asarray(g, dtype=np.float64), axis1=-2, axis2=-1), 0, None)
+    n = np.sqrt(sq)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 2 * n[..., :, None] * n[..., None, :] / (sq[..., :, None] + sq[..., None, :])
+
+
+def _norms(g: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.clip(np.diagonal(g, axis1=-2, axis2=-1), 0, None))
+
+
+@register("task_gradients")
+class TaskGradients(Result):
+    """Per-task gradients over shared parameters (or shared features), as inner products.
+
+    Variables (float64): ``gramian`` [task, task_b] (inner products of the T gradients),
+    ``block_gramian`` [block, task, task_b] (the same per parameter block; they sum to
+    ``gramian``), ``norm`` [task], ``block_norm`` [block, task], ``cosine`` [task, task_b],
+    ``block_cosine`` [block, task, task_b] (NaN where a gradient is zero), ``loss`` [task];
+    ``block_size`` [block] (int64, entries per block). ``attrs["wrt"]``: ``"parameters"``
+    or ``"representation"``.
+
+    Not saved: ``jacobian``, the [T, P] float32 tensor itself (mode ``"jacobian"``, for an
+    aggregator; None in Gramian-only mode and on a loaded result), and ``extra_grads``.
+    """
+
+    jacobian: torch.Tensor | None = None
+    extra_grads: list | None = None
+
+    @property
+    def wrt(self) -> str:
+        return self.attrs["wrt"]
+
+    @property
+    def blocks(self) -> list[str]:
+        return self.coord("block")
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.coord("task"))
+
+
+def _task_names(losses, tasks) -> tuple[list, list[torch.Tensor]]:
+    if isinstance(losses, Mapping):
+        names, losses = list(losses), list(losses.values())
+    else:
+        losses = list(losses)
+        names = list(range(len(losses)))
+    if tasks is not None:
+        names = list(tasks)
+        if len(names) != len(losses) or len(set(map(str, names))) != len(names):
+            raise WorkbenchError(f"tasks must name each of the {len(losses)} losses once, got {names}")
+    return names, losses
+
+
+def _gradients_result(jac: torch.Tensor | None, bg: np.ndarray, losses: Sequence[float], *, tasks: Sequence,
+                      blocks: Sequence[str], block_size: Sequence[int], wrt: str, params: dict) -> TaskGradients:
+    """A :class:`TaskGradients` from block Gramians [B, T, T] (the Jacobian kept as the
+    unsaved ``jacobian`` field when given)."""
     gram = bg.sum(0)
-    return TaskGradients(
-        jacobian=jac if mode == "jacobian" else None, gramian=gram, block_gramians=bg, blocks=blocks,
-        losses=np.asarray([float(l.detach()) for l in losses]), extra_grads=extra_sum if extra else None,
+    res = TaskGradients(
+        dims={"task": tasks, "task_b": tasks, "block": blocks},
+        data={
+            "gramian": (("task", "task_b"), gram), "block_gramian": (("block", "task", "task_b"), bg),
+            "norm": (("task",), _norms(gram)), "block_norm": (("block", "task"), _norms(bg)),
+            "cosine": (("task", "task_b"), cosine_from_gramian(gram)),
+            "block_cosine": (("block", "task", "task_b"), cosine_from_gramian(bg)),
+            "loss": (("task",), np.asarray(losses, dtype=np.float64)),
+            "block_size": (("block",), np.asarray(block_size, dtype=np.int64)),
+        },
+        attrs={**params, "wrt": wrt}, provenance=provenance(None, params=params),
     )
+    res.jacobian = jac
+    return res
 
 
-def representation_gradients(losses: Sequence[torch.Tensor], features: torch.Tensor, *, retain_graph: bool = False
-                             ) -> TaskGradients:
+def task_gradients(
+    losses: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    params: Iterable[tuple[str, torch.nn.Parameter]] | Iterable[torch.nn.Parameter],
+    *,
+    tasks: Sequence | None = None,
+    mode: str = "jacobian",
+    family: Family | str | None = None,
+    block_depth: int = 2,
+    retain_graph: bool = False,
+    extra: Sequence[torch.nn.Parameter] = (),
+) -> TaskGradients:
+    """Per-task gradients of ``losses`` on ``params`` (one backward per task over the
+    shared forward graph) as a :class:`TaskGradients` result: float64 Gramians overall and
+    per block, norms, cosines.
+
+    ``losses``: a list (tasks ``0..T-1``, or named by ``tasks``) or a dict task -> loss.
+    ``params``: (name, parameter) pairs (or bare parameters). ``family``: the layout
+    family of the model the names come from (``subject.family``): blocks are then
+    ``embed``, ``layer.L``, ``final_norm``, ``unembed``; without one, module paths cut
+    after the first layer index or ``block_depth`` parts.
+    ``mode="jacobian"`` keeps the [T, P] float32 matrix as the (unsaved) ``jacobian``
+    field, for an aggregator; ``mode="gramian"`` drops it once the products are taken.
+    ``extra``: parameters outside the Jacobian (e.g. task heads) whose gradient of the
+    *summed* loss is wanted too, from the same T backward passes (``extra_grads``).
+    """
+    if mode not in ("jacobian", "gramian"):
+        raise WorkbenchError(f"mode must be 'jacobian' or 'gramian', got {mode!r}")
+    names, losses = _task_names(losses, tasks)
+    losses = check_losses(losses)
+    named = [(f"param{i}", p) if isinstance(p, torch.Tensor) else p for i, p in enumerate(params)]
+    if not named:
+        raise WorkbenchError("no shared parameters given")
+    tensors = [p for _, p in named]
+    blocks, block_index = parameter_blocks([n for n, _ in named], family, depth=block_depth)
+    sizes = [p.numel() for p in tensors]
+    jac, extra_grads = jacobian(losses, tensors, retain_graph=retain_graph, extra=extra)
+    bg = block_gramians(jac, block_index, sizes, len(blocks))
+    block_size = np.bincount(block_index, weights=sizes, minlength=len(blocks)).astype(np.int64)
+    fam = family if family is None or isinstance(family, str) else family.name
+    settings = {"mode": mode, "family": fam, "block_depth": block_depth, "n_params": int(sum(sizes))}
+    res = _gradients_result(jac if mode == "jacobian" else None, bg, [float(l.detach()) for l in losses], tasks=names,
+                            blocks=blocks, block_size=block_size, wrt="parameters", params=settings)
+    res.extra_grads = extra_grads
+    return res
+
+
+def representation_gradients(losses: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], features: torch.Tensor, *,
+                             tasks: Sequence | None = None, retain_graph: bool = False) -> TaskGradients:
     """Per-task gradients with respect to shared ``features`` (e.g. the trunk's output),
-    flattened over the batch: the MGDA-UB quantity. ``kind`` is ``"representation"``."""
-    losses = _check_losses(losses)
+    flattened over the batch: the MGDA-UB quantity, one block ``features``,
+    ``attrs["wrt"] == "representation"``; the Jacobian is kept as ``jacobian``."""
+    names, losses = _task_names(losses, tasks)
+    losses = check_losses(losses)
     T = len(losses)
     rows = []
     for t, loss in enumerate(losses):
@@ -219,53 +334,67 @@ def representation_gradients(losses: Sequence[torch.Tensor], features: torch.Ten
             raise WorkbenchError(f"loss {t} does not depend on the shared features")
         rows.append(g.reshape(-1).float())
     jac = torch.stack(rows)
-    gram = _gram64(jac)
-    return TaskGradients(jacobian=jac, gramian=gram, block_gramians=gram[None], blocks=["features"],
-                         losses=np.asarray([float(l.detach()) for l in losses]), kind="representation")
+    return _gradients_result(jac, gram64(jac)[None], [float(l.detach()) for l in losses], tasks=names,
+                            blocks=["features"], block_size=[jac.shape[1]], wrt="representation",
+                            params={"mode": "jacobian", "n_features": int(jac.shape[1])})
 
 
-@lru_cache(maxsize=16)
-def _triu(T: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.triu_indices(T, 1)
+@register("conflict_summary")
+class ConflictSummary(Result):
+    """Gradient conflict between tasks, overall and per block.
+
+    Variables: ``cosine`` and ``magnitude_similarity`` [task, task_b] (gradient-magnitude
+    similarity 2|gi||gj| / (|gi|^2 + |gj|^2)); ``block_cosine`` and
+    ``block_magnitude_similarity`` [block, task, task_b]; ``block_conflict_fraction``
+    (share of task pairs with cosine < 0, pairs with a zero gradient left out) and
+    ``block_mean_cosine`` [block]. The overall conflict fraction and mean cosine are the
+    properties ``conflict_fraction`` / ``mean_cosine`` (computed from ``cosine`` the same
+    way). ``block_frame()``: one row per block, to join other lenses' per-block frames.
+    """
+
+    @property
+    def wrt(self) -> str:
+        return self.attrs["wrt"]
+
+    @property
+    def conflict_fraction(self) -> float:
+        return float(conflict_fractions(self["cosine"][None])[0])
+
+    @property
+    def mean_cosine(self) -> float:
+        return float(mean_pair_cosine(self["cosine"]))
+
+    def block_frame(self):
+        """Per block: ``block``, ``conflict_fraction``, ``mean_cosine`` (a pandas frame)."""
+        return self.to_frame(["block_conflict_fraction", "block_mean_cosine"]).rename(
+            columns={"block_conflict_fraction": "conflict_fraction", "block_mean_cosine": "mean_cosine"})
 
 
-def _cosines_and_conflicts(g: np.ndarray) -> tuple[np.ndarray, list[float]]:
-    """Cosines [N, T, T] and conflict fractions (share of task pairs with cosine < 0, pairs
-    with a zero gradient left out) of N stacked Gramians: the part of ``conflict_summary``
-    the trainer's history keeps (it runs at every monitored step)."""
-    T = g.shape[1]
-    n = np.sqrt(np.clip(np.diagonal(g, axis1=1, axis2=2), 0, None))
-    nn = n[:, :, None] * n[:, None, :]
-    cos = np.full_like(g, np.nan)
-    np.divide(g, nn, out=cos, where=nn > 0)
-    iu = _triu(T)
-    pairs = cos[:, iu[0], iu[1]]
-    valid = (nn[:, iu[0], iu[1]] > 0).sum(1)
-    neg = (pairs < 0).sum(1)  # NaN compares False
-    return cos, [float(a / b) if b else 0.0 for a, b in zip(neg, valid)]
+def conflict_summary(tg: TaskGradients) -> ConflictSummary:
+    """Pairwise cosines, conflict fractions and gradient-magnitude similarity of a
+    :class:`TaskGradients` result (fresh or loaded), overall and per block (one vectorised
+    pass over the stacked Gramians)."""
+    if not isinstance(tg, Result) or "block_gramian" not in tg:
+        raise WorkbenchError(f"conflict_summary takes a task_gradients result, got {type(tg).__name__}")
+    g = np.concatenate([tg["gramian"][None], tg["block_gramian"]])  # [1 + B, T, T]
+    cos, frac = cosines_and_conflicts(g)
+    gms = magnitude_similarity(g)
+    tasks = tg.coord("task")
+    return ConflictSummary(
+        dims={"task": tasks, "task_b": tasks, "block": tg.coord("block")},
+        data={
+            "cosine": (("task", "task_b"), cos[0]), "magnitude_similarity": (("task", "task_b"), gms[0]),
+            "block_cosine": (("block", "task", "task_b"), cos[1:]),
+            "block_magnitude_similarity": (("block", "task", "task_b"), gms[1:]),
+            "block_conflict_fraction": (("block",), frac[1:]),
+            "block_mean_cosine": (("block",), mean_pair_cosine(cos[1:])),
+        },
+        attrs={"wrt": tg.attrs.get("wrt", "parameters")}, provenance=tg.provenance,
+    )
 
 
-def conflict_summary(tg: TaskGradients) -> dict:
-    """Pairwise cosines, the fraction of conflicting pairs (cosine < 0), gradient-magnitude
-    similarity (2|gi||gj| / (|gi|^2 + |gj|^2)), overall and per block (all of them in one
-    vectorised pass over the stacked Gramians)."""
-    g = np.concatenate([tg.gramian[None], tg.block_gramians])  # [1 + B, T, T]
-    cos, frac = _cosines_and_conflicts(g)
-    n = np.sqrt(np.clip(np.einsum("bii->bi", g), 0, None))  # [1 + B, T]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        gms = 2 * n[:, :, None] * n[:, None, :] / (n[:, :, None] ** 2 + n[:, None, :] ** 2)
-    iu = _triu(g.shape[1])
-    pairs = cos[:, iu[0], iu[1]]  # [1 + B, pairs]
-    valid = ~np.isnan(pairs)
-    n_valid = valid.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n_valid > 0, np.where(valid, pairs, 0).sum(1) / n_valid, np.nan)
-
-    def one(b):
-        return {"cosine": cos[b], "conflict_fraction": float(frac[b]), "magnitude_similarity": gms[b],
-                "mean_cosine": float(mean[b])}
-
-    out = one(0)
-    out["blocks"] = {name: one(b + 1) for b, name in enumerate(tg.blocks)}
-    out["kind"] = tg.kind
-    return out
+__all__ = [
+    "ConflictSummary", "TaskGradients", "block_gramians", "check_losses", "conflict_fractions", "conflict_summary",
+    "cosines_and_conflicts", "family_of_model", "gram64", "jacobian", "magnitude_similarity", "mean_pair_cosine",
+    "parameter_blocks", "representation_gradients", "shared_parameters", "task_gradients",
+]

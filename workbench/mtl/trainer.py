@@ -3,10 +3,16 @@
 A model with a shared trunk and one head per task (any ``nn.Module``: ``forward(batch)``
 returns one output per task) is trained with any aggregator. Every ``monitor_every``
 steps the per-task gradients on the shared parameters are taken exactly (one backward
-per task) and a record goes to ``history``: losses, pairwise cosines overall and per
-block, norms, the conflict fraction, the aggregator's task weights and, optionally, the
-lookahead task affinity of TAG ("Efficiently Identifying Task Groupings for Multi-Task
-Learning"). Between monitored steps an equal-weight run takes one plain backward.
+per task) and a record is kept: losses, norms, pairwise cosines and conflict fractions
+overall and per block, the aggregator's task weights and, optionally, the lookahead task
+affinity of TAG ("Efficiently Identifying Task Groupings for Multi-Task Learning").
+Between monitored steps an equal-weight run takes one plain backward.
+
+``trainer.history`` is the run so far as a :class:`TrainingHistory` result (dims
+``step`` (the monitored steps), ``task``, ``task_b``, ``block``), which saves and loads
+exactly and draws the ConflictMonitor again without a model. Blocks are the names of
+:mod:`workbench.blocks`: ``embed``, ``layer.L``, ``final_norm``, ``unembed`` for an HF
+model (its layout is found in the model), module paths (``trunk.1``) otherwise.
 
 Data comes from ``data(step) -> batch``, a function of the step, so that a run resumed
 from a checkpoint sees the same batches and ends with the same weights. A non-finite
@@ -23,9 +29,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, one_of
+from workbench.layout import Family
 from workbench.mtl.aggregators import STATEFUL, STATELESS, GradNorm, UncertaintyWeighting, aggregate
-from workbench.mtl.gradients import _cosines_and_conflicts, task_gradients
+from workbench.mtl.gradients import (
+    block_gramians, check_losses, cosines_and_conflicts, family_of_model, jacobian, parameter_blocks,
+)
+from workbench.results import Result, provenance, register
 
 LossFn = Callable[[object, object], torch.Tensor]  # (task output, batch) -> scalar
 
@@ -65,26 +75,105 @@ def default_monitor_every(n_tasks: int) -> int:
     return 20 * max(1, n_tasks - 1)
 
 
+#: the variables of a training history and their dimensions
+HISTORY_DIMS: dict[str, tuple[str, ...]] = {
+    "loss": ("step", "task"), "norm": ("step", "task"), "weight": ("step", "task"),
+    "cosine": ("step", "task", "task_b"), "conflict_fraction": ("step",),
+    "block_norm": ("step", "block", "task"), "block_cosine": ("step", "block", "task", "task_b"),
+    "block_conflict_fraction": ("step", "block"), "affinity": ("step", "task", "task_b"),
+}
+
+
+@register("mtl_history")
+class TrainingHistory(Result):
+    """The monitored steps of a multi-task training run.
+
+    Dims: ``step`` (the monitored steps), ``task``, ``task_b``, ``block``. Variables
+    (float64): ``loss``, ``norm`` (gradient norm on the shared parameters) and ``weight``
+    (the aggregator's task weights) [step, task]; ``cosine`` [step, task, task_b];
+    ``conflict_fraction`` [step]; ``block_norm`` [step, block, task]; ``block_cosine``
+    [step, block, task, task_b]; ``block_conflict_fraction`` [step, block]; with TAG on,
+    ``affinity`` [step, task, task_b] (step on task -> effect on task_b).
+    ``attrs["aggregators"]``: the aggregator of each stretch of the run
+    (``[{"from_step", "aggregator", "params"}]``); ``attrs["trained_steps"]``: steps taken.
+    """
+
+    def aggregator_at(self, step: int) -> str:
+        """The aggregator the run used at ``step``."""
+        name = self.attrs["aggregators"][0]["aggregator"]
+        for seg in self.attrs["aggregators"]:
+            if seg["from_step"] <= step:
+                name = seg["aggregator"]
+        return name
+
+    def to_frame(self, variables: Sequence[str] | None = None):
+        """A tidy frame (see :meth:`Result.to_frame`; by default loss, norm and weight per
+        step and task), with an ``aggregator`` column beside ``step``."""
+        frame = super().to_frame(variables)
+        if "step" in frame.columns:
+            names = [self.aggregator_at(s) for s in frame["step"]]
+            frame.insert(frame.columns.get_loc("step") + 1, "aggregator", names)
+        return frame
+
+
+class _Records:
+    """The monitoring records, one row per monitored step, in arrays that double when
+    full (appending is amortised O(1), reading is one slice)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def append(self, rec: dict) -> None:
+        for k, v in rec.items():
+            v = np.asarray(v)
+            a = self.arrays.get(k)
+            if a is None or self.n == len(a):
+                grown = np.empty((max(16, 2 * self.n), *v.shape), dtype=v.dtype)
+                if a is not None:
+                    grown[: self.n] = a[: self.n]
+                self.arrays[k] = a = grown
+            a[self.n] = v
+        self.n += 1  # after the rows are in: a concurrent reader sees whole records only
+
+    def get(self, n: int | None = None) -> dict[str, np.ndarray]:
+        n = self.n if n is None else n
+        return {k: a[:n].copy() for k, a in self.arrays.items()}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(a) for k, a in self.get().items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "_Records":
+        out = cls()
+        arrays = {k: t.numpy() for k, t in state.items()}
+        out.n = len(next(iter(arrays.values()))) if arrays else 0
+        out.arrays = {k: a.copy() for k, a in arrays.items()}
+        return out
+
+
 class MultiTaskTrainer:
     """Train ``model`` on ``tasks`` (name -> loss function of (task output, batch)).
 
-    ``shared``: the shared parameters as (name, parameter) pairs (default: every
-    parameter whose name starts with ``shared_prefix``). ``aggregator``: a name of
-    :func:`~workbench.mtl.aggregate` or ``"uncertainty"`` / ``"gradnorm"``.
-    ``block_depth``: name parts that make a block when a name has no layer index
-    (``trunk.gpt_neox.embed_in`` needs 3).
+    The shared parameters are those whose name starts with ``shared_prefix``.
+    ``aggregator``: a name of :func:`~workbench.mtl.aggregate` or ``"uncertainty"`` /
+    ``"gradnorm"`` (``set_aggregator`` changes it for the steps that follow).
+    ``family``: how parameters group into blocks: ``"auto"`` finds the layout of an HF
+    model inside ``model`` (``embed``, ``layer.L``, ``final_norm``, ``unembed``); a
+    family (``subject.family``) or its name forces one; None, or a model with no layout,
+    groups by module path (cut after the first layer index, else after ``block_depth``
+    name parts).
     """
 
     def __init__(self, model: torch.nn.Module, tasks: dict[str, LossFn], data: Callable[[int], object], *,
                  shared_prefix: str = "trunk", aggregator: str = "equal", lr: float = 1e-3,
                  monitor_every: int | None = None,
                  affinity: bool = False, seed: int = 0, checkpoint: str | Path | None = None,
-                 checkpoint_every: int = 50, aggregator_params: dict | None = None, block_depth: int = 2) -> None:
+                 checkpoint_every: int = 50, aggregator_params: dict | None = None,
+                 family: Family | str | None = "auto", block_depth: int = 2) -> None:
         if len(tasks) < 2:
             raise WorkbenchError(f"multi-task training needs at least two tasks, got {list(tasks)}")
         if aggregator not in STATELESS + STATEFUL:
-            from workbench.errors import one_of
-
             raise one_of("aggregator", aggregator, STATELESS + STATEFUL)
         if monitor_every is None:
             monitor_every = default_monitor_every(len(tasks))
@@ -97,17 +186,24 @@ class MultiTaskTrainer:
             raise WorkbenchError(f"no parameters start with {shared_prefix!r}; name the shared trunk's prefix")
         shared_ids = {id(p) for _, p in self.shared}
         self.own = [p for p in model.parameters() if id(p) not in shared_ids and p.requires_grad]
-        self.aggregator, self.lr, self.monitor_every, self.affinity = aggregator, lr, monitor_every, affinity
-        self.agg_params = dict(aggregator_params or {})
-        self.block_depth = block_depth  # how parameter names group into blocks (see gradients.block_of)
-        self.state_agg = (UncertaintyWeighting(len(tasks)) if aggregator == "uncertainty"
-                          else GradNorm(len(tasks)) if aggregator == "gradnorm" else None)
+        self.lr, self.monitor_every, self.affinity = lr, monitor_every, affinity
+        found, prefix = family_of_model(model)
+        self.family = found if family == "auto" else family
+        hf = model.get_submodule(prefix.rstrip(".")) if found is not None else None
+        self._model_name = (getattr(hf.config, "_name_or_path", None) or type(hf).__name__) if hf is not None else None
+        self.blocks, self._block_index = parameter_blocks([n for n, _ in self.shared], self.family, depth=block_depth,
+                                                          prefix=prefix if self.family is not None else "")
+        self._sizes = [p.numel() for _, p in self.shared]
+        self.block_depth, self.shared_prefix = block_depth, shared_prefix
         self.seed = seed
         torch.manual_seed(seed)
         random.seed(seed)
         self.opt = torch.optim.Adam(model.parameters(), lr=lr)
         self.step_count = 0
-        self.history: list[dict] = []
+        self._records = _Records()
+        self._aggregators: list[dict] = []
+        self.aggregator, self.agg_params, self.state_agg = aggregator, {}, None
+        self.set_aggregator(aggregator, aggregator_params)
         self.callbacks: list[Callable[["MultiTaskTrainer", dict], None]] = []
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.checkpoint_every = checkpoint_every
@@ -116,6 +212,24 @@ class MultiTaskTrainer:
             self.load(self.checkpoint)
 
     # ------------------------------------------------------------------ pieces
+
+    def set_aggregator(self, aggregator: str, params: dict | None = None) -> None:
+        """Train the steps from now on with ``aggregator`` (its state starts afresh); the
+        history records from which step each aggregator ran."""
+        if aggregator not in STATELESS + STATEFUL:
+            raise one_of("aggregator", aggregator, STATELESS + STATEFUL)
+        params = dict(params or {})
+        if self._aggregators and aggregator == self.aggregator and params == self.agg_params:
+            return
+        self.aggregator, self.agg_params = aggregator, params
+        T = len(self.names)
+        self.state_agg = (UncertaintyWeighting(T) if aggregator == "uncertainty"
+                          else GradNorm(T) if aggregator == "gradnorm" else None)
+        seg = {"from_step": self.step_count, "aggregator": aggregator, "params": params}
+        if self._aggregators and self._aggregators[-1]["from_step"] == self.step_count:
+            self._aggregators[-1] = seg
+        else:
+            self._aggregators.append(seg)
 
     def losses(self, batch) -> list[torch.Tensor]:
         out = self.model(batch)
@@ -126,7 +240,8 @@ class MultiTaskTrainer:
         self._stop = True
 
     def train_step(self) -> dict | None:
-        """One optimisation step; returns the monitoring record on monitored steps."""
+        """One optimisation step; returns the monitoring record (variable name -> array,
+        as in the history, plus ``step``) on monitored steps."""
         step = self.step_count
         batch = self.data(step)
         self.model.train()
@@ -144,12 +259,12 @@ class MultiTaskTrainer:
         else:
             params = [p for _, p in self.shared]
             # task heads get the gradient of the summed loss, from the same T backward passes
-            tg = task_gradients(losses, self.shared, block_depth=self.block_depth, extra=self.own)
-            for p, g in zip(self.own, tg.extra_grads or ()):
+            j, extra = jacobian(check_losses(losses), params, extra=self.own)
+            for p, g in zip(self.own, extra or ()):
                 p.grad = g
-            j = tg.jacobian
+            loss_values = np.asarray([float(l.detach()) for l in losses])
             if self.state_agg is not None:
-                update, weights = self.state_agg(j, tg.losses)
+                update, weights = self.state_agg(j, loss_values)
             elif self.aggregator == "equal":  # the plain summed gradient, as an unmonitored step takes it
                 update, weights = j.sum(0), np.ones(len(losses))
             else:
@@ -160,29 +275,30 @@ class MultiTaskTrainer:
                 p.grad = update[off : off + n].view_as(p).to(p.dtype, copy=True)
                 off += n
             if monitored:
-                cos, frac = _cosines_and_conflicts(np.concatenate([tg.gramian[None], tg.block_gramians]))
+                bg = block_gramians(j, self._block_index, self._sizes, len(self.blocks))
+                g = np.concatenate([bg.sum(0)[None], bg])
+                cos, frac = cosines_and_conflicts(g)
+                norms = np.sqrt(np.clip(np.diagonal(g, axis1=1, axis2=2), 0, None))
                 record = {
-                    "step": step, "losses": tg.losses.tolist(), "norms": tg.norms.tolist(),
-                    "cosine": cos[0].tolist(), "conflict_fraction": frac[0],
-                    "blocks": tg.blocks,
-                    "block_cosine": cos[1:].tolist(),
+                    "step": step, "loss": loss_values, "norm": norms[0], "weight": np.asarray(weights, np.float64),
+                    "cosine": cos[0], "conflict_fraction": frac[0], "block_norm": norms[1:], "block_cosine": cos[1:],
                     "block_conflict_fraction": frac[1:],
-                    "weights": np.asarray(weights, float).tolist(), "aggregator": self.aggregator,
                 }
                 if self.affinity:
-                    record["affinity"] = lookahead_affinity(lambda: self.losses(batch), params, j, self.lr).tolist()
+                    record["affinity"] = lookahead_affinity(lambda: self.losses(batch), params, j, self.lr)
         self.opt.step()
         self.step_count += 1
         if record is not None:
-            self.history.append(record)
+            self._records.append(record)
             for cb in self.callbacks:
                 cb(self, record)
         if self.checkpoint and self.step_count % self.checkpoint_every == 0:
             self.save(self.checkpoint)
         return record
 
-    def fit(self, steps: int, *, progress: bool = True) -> list[dict]:
-        """Train until ``steps`` steps in all (resumed runs continue), or until ``stop()``."""
+    def fit(self, steps: int, *, progress: bool = True) -> TrainingHistory:
+        """Train until ``steps`` steps in all (resumed runs continue), or until ``stop()``;
+        returns the history."""
         from tqdm.auto import tqdm
 
         self._stop = False
@@ -191,9 +307,51 @@ class MultiTaskTrainer:
             rec = self.train_step()
             bar.update(1)
             if rec is not None:
-                bar.set_postfix(loss=f"{sum(rec['losses']):.3f}", conflict=f"{rec['conflict_fraction']:.2f}")
+                bar.set_postfix(loss=f"{rec['loss'].sum():.3f}", conflict=f"{rec['conflict_fraction']:.2f}")
         bar.close()
         return self.history
+
+    # ------------------------------------------------------------------ the record
+
+    @property
+    def n_records(self) -> int:
+        """Monitored steps recorded so far."""
+        return self._records.n
+
+    def _config(self) -> dict:
+        fam = self.family if self.family is None or isinstance(self.family, str) else self.family.name
+        return {"tasks": self.names, "aggregators": self._aggregators, "lr": self.lr,
+                "monitor_every": self.monitor_every, "affinity": self.affinity, "seed": self.seed,
+                "shared_prefix": self.shared_prefix, "family": fam, "block_depth": self.block_depth,
+                "n_shared": int(sum(self._sizes)), "model": type(self.model).__name__}
+
+    def result(self) -> TrainingHistory:
+        """The run so far as a :class:`TrainingHistory` result (a copy: training on does
+        not change it)."""
+        n = self._records.n
+        arrays = self._records.get(n)
+        T, B = len(self.names), len(self.blocks)
+        sizes = {"step": n, "task": T, "task_b": T, "block": B}
+        data = {}
+        for name, dims in HISTORY_DIMS.items():
+            if name == "affinity" and not self.affinity:
+                continue
+            arr = arrays.get(name, np.zeros([sizes[d] for d in dims]))
+            data[name] = (dims, arr.astype(np.float64, copy=False))
+        config = self._config()
+        prov = provenance(None, seed=self.seed, params=config)
+        if self._model_name:
+            prov["model"] = self._model_name
+        return TrainingHistory(
+            dims={"step": arrays["step"].tolist() if n else [], "task": self.names, "task_b": self.names,
+                  "block": self.blocks},
+            data=data, attrs={**config, "trained_steps": self.step_count}, provenance=prov,
+        )
+
+    @property
+    def history(self) -> TrainingHistory:
+        """The run so far as a :class:`TrainingHistory` result (see :meth:`result`)."""
+        return self.result()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -202,8 +360,8 @@ class MultiTaskTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step_count,
-            "history": self.history, "torch_rng": torch.get_rng_state(), "names": self.names,
-            "aggregator": self.aggregator,
+            "history": self._records.state(), "aggregators": self._aggregators, "torch_rng": torch.get_rng_state(),
+            "names": self.names, "aggregator": self.aggregator,
             "agg_state": None if self.state_agg is None else {k: np.asarray(v).tolist() if v is not None else None
                                                               for k, v in vars(self.state_agg).items()},
         }
@@ -213,12 +371,16 @@ class MultiTaskTrainer:
 
     def load(self, path: str | Path) -> None:
         state = torch.load(path, weights_only=True)  # plain tensors and lists: no pickled code runs
+        if not isinstance(state.get("history"), dict) or "aggregators" not in state:
+            raise WorkbenchError(f"checkpoint {path} was written by an older version of the trainer; start afresh")
         if state["names"] != self.names or state["aggregator"] != self.aggregator:
             raise WorkbenchError(f"checkpoint {path} is for tasks {state['names']} with {state['aggregator']!r}; "
                                  f"this trainer has {self.names} with {self.aggregator!r}")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        self.step_count, self.history = state["step"], state["history"]
+        self.step_count = state["step"]
+        self._records = _Records.from_state(state["history"])
+        self._aggregators = list(state["aggregators"])
         torch.set_rng_state(state["torch_rng"])
         if self.state_agg is not None and state["agg_state"]:
             for k, v in state["agg_state"].items():

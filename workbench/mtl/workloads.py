@@ -98,9 +98,6 @@ class TextTasks:
     per-task exact-match accuracy of the answer token on the test words.
     """
 
-    #: parameter names ``trunk.gpt_neox.embed_in`` / ``trunk.gpt_neox.layers.0`` -> blocks
-    block_depth = 3
-
     def __init__(self, tasks=TEXT_TASKS, *, same_prompts=CONFLICTING_PAIR, model: str = "tasklm") -> None:
         import copy
         import warnings
@@ -120,6 +117,10 @@ class TextTasks:
             raise WorkbenchError(f"the text workload needs a model with an LM head; {model!r} has none "
                                  "(use 'tasklm' or a causal LM)")
         self.tokenizer = subject.tokenizer
+        #: the decoder's layout family: its parameters group into the blocks ``embed``,
+        #: ``layer.L``, ``final_norm`` (pass it as ``task_gradients(..., family=text.family)``;
+        #: the trainer finds it in the model itself)
+        self.family = subject.family
         self._lm = copy.deepcopy(subject.model).float().eval()
         self.same_prompts = same
         pairs = {}
