@@ -113,12 +113,13 @@ def block_of(name: str, family: Family | str | None = None, *, depth: int = 2) -
 
 
 def family_of_keys(keys: Iterable[str]) -> Family | None:
-    """The layout family whose layer path the state-dict ``keys`` use, if any (for task
-    vectors and checkpoints read without a Subject)."""
+    """The layout family that names the most of the state-dict ``keys`` (layers, embeddings,
+    final norm, LM head), if any: for task vectors and checkpoints read without a Subject.
+    Families that name the keys equally well give the same blocks."""
     keys = list(keys)
     best, hits = None, 0
     for fam in FAMILIES.values():
-        n = sum(_strip(k, fam.layers) is not None and _strip(k, fam.layers).split(".", 1)[0].isdigit() for k in keys)
+        n = sum(_block_of(k, fam, 2) != OTHER for k in keys)
         if n > hits:
             best, hits = fam, n
     return best
