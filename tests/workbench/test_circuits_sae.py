@@ -157,7 +157,7 @@ def test_load_reports_damaged_folders(tmp_path):
     with pytest.raises(WorkbenchError, match=r"cfg.json.*lacks.*'d_sae'"):
         SAE.load(tmp_path / "s")
     cfg_path.write_text(json.dumps({**cfg, "d_sae": 17}))  # tensors of the wrong shapes for the config
-    with pytest.raises(WorkbenchError, match=r"safetensors.*wrong shapes.*W_enc \(8, 16\) \(expected \(8, 17\)\)"):
+    with pytest.raises(WorkbenchError, match=r"safetensors.*wrong shapes.*W_enc \(8, 16\) \(expected \(8, 17\)"):
         SAE.load(tmp_path / "s")
     cfg_path.write_text(json.dumps({**cfg, "kind": "sparse"}))
     with pytest.raises(WorkbenchError, match=r"cfg.json.*unknown SAE kind 'sparse'"):
@@ -172,6 +172,24 @@ def test_load_reports_damaged_folders(tmp_path):
     wpath.unlink()
     with pytest.raises(WorkbenchError, match="does not exist"):
         SAE.load(tmp_path / "s")
+
+
+def test_version_1_folders_still_load(tmp_path):
+    """Folders of the first layout (cfg.json + sae.safetensors) load, and a save over one
+    replaces its weights file."""
+    from safetensors.torch import save_file
+
+    sae = SAE(8, 16, kind="jumprelu", site="z.1")
+    with torch.no_grad():
+        sae.threshold.fill_(0.1)
+    old = tmp_path / "v1"
+    old.mkdir()
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, old / "sae.safetensors")
+    (old / "cfg.json").write_text(json.dumps({"format": "workbench-sae", **sae.config()}))
+    back = SAE.load(old)
+    assert back.config() == sae.config() and torch.equal(back.threshold, sae.threshold)
+    back.save(old)
+    assert not (old / "sae.safetensors").exists() and torch.equal(SAE.load(old).threshold, sae.threshold)
 
 
 def _write_saelens(folder, cfg, weights):
@@ -288,7 +306,7 @@ def test_bad_sites_and_widths(tiny):
     with pytest.raises(WorkbenchError, match="1 <= k"):
         SAE(8, 4, kind="topk", k=5)
     with pytest.raises(WorkbenchError, match="unknown SAE kind"):
-        SAE(8, 4, kind="gated")
+        SAE(8, 4, kind="matryoshka")
 
 
 def identity_sae(d: int, site: str) -> SAE:

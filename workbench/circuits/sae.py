@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -79,14 +80,19 @@ class SAE(torch.nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise one_of("SAE kind", kind, KINDS)
-        if not (isinstance(d_in, int) and isinstance(d_sae, int)) or d_in < 1 or d_sae < 1:
+        if not (is_integer(d_in) and is_integer(d_sae)) or d_in < 1 or d_sae < 1:
             raise WorkbenchError(f"need integers d_in >= 1 and d_sae >= 1, got d_in={d_in!r}, d_sae={d_sae!r}")
-        if kind == "topk" and not (isinstance(k, int) and 1 <= k <= d_sae):
-            raise WorkbenchError(f"a topk SAE needs an integer 1 <= k <= d_sae ({d_sae}), got k={k!r}")
-        if kind == "batchtopk" and not (isinstance(k, (int, float)) and 0 < k <= d_sae):
-            raise WorkbenchError(f"a batchtopk SAE needs 1 <= k <= d_sae ({d_sae}) (k may be fractional: "
-                                 f"k x rows features are kept per batch), got k={k!r}")
-        if kind not in ("topk", "batchtopk"):
+        d_in, d_sae = int(d_in), int(d_sae)
+        if kind == "topk":
+            if not (is_integer(k) and 1 <= k <= d_sae):
+                raise WorkbenchError(f"a topk SAE needs an integer 1 <= k <= d_sae ({d_sae}), got k={k!r}")
+            k = int(k)
+        elif kind == "batchtopk":
+            if not (isinstance(k, numbers.Real) and not isinstance(k, bool) and 0 < k <= d_sae):
+                raise WorkbenchError(f"a batchtopk SAE needs 0 < k <= d_sae ({d_sae}) (k may be fractional: "
+                                     f"int(k x rows) features are kept per batch), got k={k!r}")
+            k = int(k) if float(k).is_integer() else float(k)
+        else:
             k = None
         self.d_in, self.d_sae, self.kind, self.k = d_in, d_sae, kind, k
         self.site, self.model_name = site, model
@@ -228,8 +234,12 @@ class SAE(torch.nn.Module):
             raise one_of("SAE save format", format, ("workbench", "saelens"))
         path = Path(path)
         check_sae_folder_writable(path)
+        legacy = path / "sae.safetensors"  # the weights of a version-1 folder (before content names)
+        legacy_ours = legacy.exists() and storage.read_json(path / SAE_MANIFEST).get("version", 1) == 1
         storage.commit(path, SAE_MANIFEST, {"format": FORMAT, "version": FORMAT_VERSION, **self.config()},
                        self.state_dict(), prefix=SAE_PREFIX)
+        if legacy_ours:
+            storage.remove(legacy)
         return str(path)
 
     @classmethod
@@ -263,6 +273,10 @@ class SAE(torch.nn.Module):
             if tmp.exists():
                 shutil.rmtree(tmp)
         return str(path)
+
+
+def is_integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def batch_topk(pre: torch.Tensor, k: float) -> torch.Tensor:
@@ -313,7 +327,7 @@ def _from_workbench(cls, path: Path, cfg: dict) -> SAE:
     except WorkbenchError as e:
         raise WorkbenchError(f"{str(cfg_path)!r}: {e}") from None
     if cfg.get("version", 1) >= 2:
-        _, tensors = storage.read_committed(path, SAE_MANIFEST, "SAE config")
+        tensors = storage.read_committed(path, SAE_MANIFEST, "SAE config", manifest=cfg)
         wpath = path / cfg["tensors"]["file"]
     else:  # written before content-named weights
         wpath = path / "sae.safetensors"
@@ -454,7 +468,8 @@ def _from_saelens(cls, path: Path, raw_cfg: dict) -> SAE:
     scale, whitening = None, None
     if norm == "expected_average_only_in":
         scaler = path / "activation_scaler.json"
-        factor = storage.read_json(scaler, "SAELens activation scaler").get("scaling_factor") if scaler.exists() else None
+        factor = storage.read_json(scaler, "SAELens activation scaler").get("scaling_factor") \
+            if scaler.exists() else None
         if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
             raise WorkbenchError(f"{str(cfg_path)!r}: normalize_activations='expected_average_only_in' needs the "
                                  "activation scaling factor, and the folder has no activation_scaler.json holding one; "
@@ -657,8 +672,8 @@ def check_finite(x: torch.Tensor, what: str) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         rows = bad.reshape(len(x), -1).any(-1).nonzero()[:, 0]
-        raise WorkbenchError(f"{what} holds NaN or inf in {len(rows)} of its {len(x)} rows (first: row {int(rows[0])}); "
-                             "remove or fix those rows before training")
+        raise WorkbenchError(f"{what} holds NaN or inf in {len(rows)} of its {len(x)} rows "
+                             f"(first: row {int(rows[0])}); remove or fix those rows before training")
 
 
 # ---------------------------------------------------------------------- training
@@ -845,9 +860,9 @@ def train_sae(
                 aux = _aux_loss(sae, x, x_hat, pre, dead, k_aux)
             loss = mse + l1_coeff * sparsity + aux_coeff * aux
             if not bool(torch.isfinite(loss)):
-                raise WorkbenchError(f"the loss of step {step} is {float(loss.detach())} (MSE {float(mse.detach())}) on a finite batch: "
-                                     "training diverged; lower lr or set max_grad_norm. The SAE holds the weights "
-                                     f"after step {step - 1}")
+                raise WorkbenchError(f"the loss of step {step} is {float(loss.detach())} (MSE {float(mse.detach())}) "
+                                     "on a finite batch: training diverged; lower lr or set max_grad_norm. The SAE "
+                                     f"holds the weights after step {step - 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():  # no gradient along each decoder row (its norm is fixed)
@@ -930,7 +945,7 @@ def _load_checkpoint(ck: Path, sae: SAE, opt, since_fired, gen, stream, hyper: d
     if diff:
         raise WorkbenchError(f"checkpoint {str(ck)!r} was written with other hyperparameters ({'; '.join(diff)}); "
                              "resume with the same ones, or train into another folder")
-    _, t = storage.read_committed(ck, CHECKPOINT_MANIFEST, "training checkpoint")
+    t = storage.read_committed(ck, CHECKPOINT_MANIFEST, "training checkpoint", manifest=meta)
     wpath = ck / meta["tensors"]["file"]
     sd = {k[4:]: v for k, v in t.items() if k.startswith("sae.")}
     storage.check_tensors(sd, {k: tuple(v.shape) for k, v in sae.state_dict().items()}, wpath)

@@ -7,9 +7,9 @@ tensors under a temporary name, renames them to their content name, then replace
 manifest atomically (``os.replace``), and only then removes the tensor files the old
 manifest named. Whenever it is interrupted (an exception, Ctrl-C, a crash), the
 manifest names either the old tensors or the new ones, both complete, never a mix;
-readers (:func:`read_committed`) trust only what a complete manifest names and check
-its hash. Files the folder holds that do not match this artifact's names are never
-touched.
+readers (:func:`read_json`, then :func:`read_committed`) trust only what a complete
+manifest names, and check its hash. Files the folder holds that do not match this
+artifact's names are never touched.
 
 The I/O steps are the module-level functions :func:`write_tensors`,
 :func:`write_text`, :func:`replace` and :func:`remove`, each one step, so tests can make
@@ -172,17 +172,21 @@ def load_tensors(path: str | os.PathLike, *, sha256: str | None = None) -> dict[
         raise WorkbenchError(f"cannot read tensor file {str(path)!r}: {e}") from None
 
 
-def read_committed(folder: str | os.PathLike, manifest_name: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The manifest of ``folder`` and the tensors it names (hash checked)."""
+def read_committed(folder: str | os.PathLike, manifest_name: str, what: str, *,
+                   manifest: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors the manifest of ``folder`` names (hash checked); pass ``manifest`` when
+    it was read already, so both come from the same commit."""
     folder = Path(folder)
-    manifest = read_json(folder / manifest_name, what)
+    if manifest is None:
+        manifest = read_json(folder / manifest_name, what)
     ref = manifest.get("tensors")
     if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str):
         raise WorkbenchError(f"{what} {str(folder / manifest_name)!r} names no tensor file (key 'tensors' with "
                              "'file' and 'sha256'); it was not written by this version of workbench")
     if Path(ref["file"]).name != ref["file"]:
-        raise WorkbenchError(f"{what} {str(folder / manifest_name)!r} names a tensor file outside its folder: {ref['file']!r}")
-    return manifest, load_tensors(folder / ref["file"], sha256=ref["sha256"])
+        raise WorkbenchError(f"{what} {str(folder / manifest_name)!r} names a tensor file outside its folder: "
+                             f"{ref['file']!r}")
+    return load_tensors(folder / ref["file"], sha256=ref["sha256"])
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], want: Mapping[str, tuple[int, ...]], path) -> None:
