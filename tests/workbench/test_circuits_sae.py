@@ -4,6 +4,8 @@ layout family, SAELens folders, evaluation with known answers, clear errors."""
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -103,11 +105,91 @@ def test_save_load_roundtrip(tmp_path):
         sae.threshold.fill_(0.25)
         sae.b_enc.normal_()
     sae.save(tmp_path / "s")
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["cfg.json", "sae.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert names == ["cfg.json", cfg["tensors"]["file"]] and re.fullmatch(r"sae-[0-9a-f]{16}\.safetensors", names[1])
     back = SAE.load(tmp_path / "s")
     assert back.config() == sae.config()
     x = torch.randn(5, 16)
     assert torch.equal(back.encode(x), sae.eval().encode(x))
+    # saving again over it replaces the weights file and keeps a file the user put there
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    with torch.no_grad():
+        sae.b_enc.add_(1.0)
+    sae.save(tmp_path / "s")
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+    assert len(list((tmp_path / "s").glob("sae-*.safetensors"))) == 1
+    assert torch.equal(SAE.load(tmp_path / "s").b_enc, sae.b_enc)
+
+
+def test_save_never_deletes_what_it_did_not_write(tmp_path):
+    sae = SAE(8, 16, kind="relu")
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "data.csv").write_text("1,2,3")
+    with pytest.raises(WorkbenchError, match="SAE.save did not write.*data.csv"):
+        sae.save(user)
+    assert (user / "data.csv").read_text() == "1,2,3" and sorted(p.name for p in user.iterdir()) == ["data.csv"]
+    lens = tmp_path / "lens"  # another tool's SAE folder is not ours either
+    lens.mkdir()
+    (lens / "cfg.json").write_text(json.dumps({"architecture": "standard"}))
+    with pytest.raises(WorkbenchError, match="did not write"):
+        sae.save(lens)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WorkbenchError, match="is a file"):
+        sae.save(tmp_path / "file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    sae.save(empty)
+    assert SAE.load(empty).d_sae == 16
+
+
+def test_load_reports_damaged_folders(tmp_path):
+    sae = SAE(8, 16, kind="topk", k=2)
+    sae.save(tmp_path / "s")
+    cfg_path = tmp_path / "s" / "cfg.json"
+    good = cfg_path.read_text()
+    cfg_path.write_text(good[: len(good) // 2])  # cut JSON
+    with pytest.raises(WorkbenchError, match=r"cfg.json.*not valid JSON"):
+        SAE.load(tmp_path / "s")
+    cfg = json.loads(good)
+    cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "d_sae"}))
+    with pytest.raises(WorkbenchError, match=r"cfg.json.*lacks.*'d_sae'"):
+        SAE.load(tmp_path / "s")
+    cfg_path.write_text(json.dumps({**cfg, "d_sae": 17}))  # tensors of the wrong shapes for the config
+    with pytest.raises(WorkbenchError, match=r"safetensors.*wrong shapes.*W_enc \(8, 16\) \(expected \(8, 17\)"):
+        SAE.load(tmp_path / "s")
+    cfg_path.write_text(json.dumps({**cfg, "kind": "sparse"}))
+    with pytest.raises(WorkbenchError, match=r"cfg.json.*unknown SAE kind 'sparse'"):
+        SAE.load(tmp_path / "s")
+    cfg_path.write_text(good)
+    wpath = tmp_path / "s" / cfg["tensors"]["file"]
+    raw = bytearray(wpath.read_bytes())
+    raw[-1] ^= 0xFF  # a flipped bit in the weights
+    wpath.write_bytes(bytes(raw))
+    with pytest.raises(WorkbenchError, match="SHA-256"):
+        SAE.load(tmp_path / "s")
+    wpath.unlink()
+    with pytest.raises(WorkbenchError, match="does not exist"):
+        SAE.load(tmp_path / "s")
+
+
+def test_version_1_folders_still_load(tmp_path):
+    """Folders of the first layout (cfg.json + sae.safetensors) load, and a save over one
+    replaces its weights file."""
+    from safetensors.torch import save_file
+
+    sae = SAE(8, 16, kind="jumprelu", site="z.1")
+    with torch.no_grad():
+        sae.threshold.fill_(0.1)
+    old = tmp_path / "v1"
+    old.mkdir()
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, old / "sae.safetensors")
+    (old / "cfg.json").write_text(json.dumps({"format": "workbench-sae", **sae.config()}))
+    back = SAE.load(old)
+    assert back.config() == sae.config() and torch.equal(back.threshold, sae.threshold)
+    back.save(old)
+    assert not (old / "sae.safetensors").exists() and torch.equal(SAE.load(old).threshold, sae.threshold)
 
 
 def _write_saelens(folder, cfg, weights):
@@ -224,7 +306,7 @@ def test_bad_sites_and_widths(tiny):
     with pytest.raises(WorkbenchError, match="1 <= k"):
         SAE(8, 4, kind="topk", k=5)
     with pytest.raises(WorkbenchError, match="unknown SAE kind"):
-        SAE(8, 4, kind="gated")
+        SAE(8, 4, kind="matryoshka")
 
 
 def identity_sae(d: int, site: str) -> SAE:
@@ -288,3 +370,119 @@ def test_gradient_clipping():
     assert not torch.allclose(plain["W_enc"], tight["W_enc"])
     with pytest.raises(WorkbenchError, match="max_grad_norm"):
         trained(max_grad_norm=0.0)
+
+
+def test_saelens_settings_by_hand(tmp_path):
+    """The SAELens settings that change what an SAE computes, on hand-made folders (the
+    conformance tests compare with SAELens itself when it is installed)."""
+    g = torch.Generator().manual_seed(1)
+    w = {"W_enc": torch.randn(8, 20, generator=g), "b_enc": torch.randn(20, generator=g),
+         "W_dec": torch.randn(20, 8, generator=g) * 3, "b_dec": torch.randn(8, generator=g)}
+    x = torch.randn(6, 8, generator=g)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    norms = w["W_dec"].norm(dim=1)
+    # TopK with rescale_acts_by_decoder_norm: select on pre x |W_dec row|, decode f / |W_dec row|
+    _write_saelens(tmp_path / "rescaled", {"architecture": "topk", "k": 3, "rescale_acts_by_decoder_norm": True,
+                                           "metadata": {"sae_lens_version": "6.5.0"}}, w)
+    sae = SAE.load(tmp_path / "rescaled")
+    scaled = pre * norms
+    vals, idx = scaled.topk(3, dim=-1)
+    want_f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    assert torch.allclose(sae.encode(x), want_f, atol=1e-4)
+    assert torch.allclose(sae(x), (want_f / norms) @ w["W_dec"] + w["b_dec"], atol=1e-4)
+    # JumpReLU storing log_threshold; the activation is relu(pre) where pre > threshold
+    _write_saelens(tmp_path / "logthr", {"architecture": "jumprelu"},
+                   {**w, "log_threshold": torch.full((20,), -1.0)})
+    sae = SAE.load(tmp_path / "logthr")
+    assert torch.allclose(sae.threshold, torch.full((20,), math.exp(-1.0)))
+    assert torch.allclose(sae.encode(x), pre.relu() * (pre > math.exp(-1.0)), atol=1e-5)
+    # SAELens < 6 finetuning scaling factor (decode(f * s)): folded into W_dec
+    s = torch.rand(20, generator=g) + 0.5
+    _write_saelens(tmp_path / "ft", {"architecture": "standard", "hook_point": "blocks.0.hook_resid_pre",
+                                     "finetuning_scaling_factor": True}, {**w, "scaling_factor": s})
+    sae = SAE.load(tmp_path / "ft")
+    assert sae.site == "resid_pre.0"
+    assert torch.allclose(sae(x), (pre.relu() * s) @ w["W_dec"] + w["b_dec"], atol=1e-4)
+    # settings that cannot be honoured are refused, naming the key
+    for cfg, match in (({"architecture": "standard", "normalize_activations": "layer_norm"}, "normalize_activations"),
+                       ({"architecture": "transcoder"}, "architecture='transcoder' is not supported"),
+                       ({"architecture": "standard", "reshape_activations": "heads"}, "reshape_activations"),
+                       ({"architecture": "standard", "dtype": "int8"}, "dtype='int8'"),
+                       ({"architecture": "topk"}, "needs its k")):
+        folder = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        _write_saelens(folder, cfg, w)
+        with pytest.raises(WorkbenchError, match=match):
+            SAE.load(folder)
+    folder = tmp_path / "shapes"
+    _write_saelens(folder, {"architecture": "standard"}, {**w, "b_enc": torch.zeros(19)})
+    with pytest.raises(WorkbenchError, match=r"sae_weights.safetensors.*b_enc \(19,\) \(expected \(20,\)\)"):
+        SAE.load(folder)
+
+
+def test_gated_and_jumprelu_forward():
+    g = torch.Generator().manual_seed(2)
+    sae = SAE(6, 10, kind="gated")
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(4, 6, generator=g)
+    s = x - sae.b_dec
+    want = ((s @ sae.W_enc + sae.b_enc) > 0) * torch.relu(s @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag)
+    assert torch.allclose(sae.encode(x), want, atol=1e-5) and bool((want > 0).any())
+    j = SAE(6, 10, kind="jumprelu")
+    with torch.no_grad():
+        j.threshold.fill_(-0.5)  # a negative threshold never lets a negative activation through
+        j.b_enc.normal_(generator=g)
+    assert bool((j.encode(x) >= 0).all())
+    with pytest.raises(WorkbenchError, match="training gated SAEs is not supported"):
+        train_sae(sae, torch.randn(8, 6), steps=1, progress=False)
+
+
+def test_training_refuses_bad_numbers(tmp_path):
+    X, _ = planted(n=400, d=16, m=32)
+    sae = SAE(16, 32, kind="topk", k=4)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    for bs in (0, -3, 2.5):
+        with pytest.raises(WorkbenchError, match="batch_size must be an integer >= 1"):
+            train_sae(sae, X, steps=3, batch_size=bs, progress=False)
+    bad = X.clone()
+    bad[123, 5] = float("nan")
+    with pytest.raises(WorkbenchError, match=r"training data holds NaN or inf in 1 of its 400 rows \(first: row 123\)"):
+        train_sae(sae, bad, steps=3, progress=False)
+
+    def stream():
+        for i in range(10):
+            b = X[i * 32:(i + 1) * 32].clone()
+            if i == 4:
+                b[7] = float("inf")
+            yield b
+
+    with pytest.raises(WorkbenchError, match=r"batch of step 4 holds NaN or inf in 1 of its 32 rows \(first: row 7\)"):
+        train_sae(sae, stream(), steps=10, checkpoint=tmp_path / "ck", checkpoint_every=2, progress=False)
+    assert all(torch.isfinite(v).all() for v in sae.state_dict().values())
+    assert json.loads((tmp_path / "ck" / "train_state.json").read_text())["step"] == 4  # the last good state
+    with pytest.raises(WorkbenchError, match=r"loss of step 0 is inf"):
+        train_sae(SAE(16, 32, kind="relu"), X * 1e30, steps=3, progress=False)
+    with pytest.raises(WorkbenchError, match="steps must be an integer"):
+        train_sae(sae, X, steps=2.0, progress=False)
+    assert not torch.equal(before["W_enc"], sae.W_enc)  # (the stream run trained 4 steps)
+
+
+def test_resume_checks_hyperparameters(tmp_path):
+    X, _ = planted(n=500, d=16, m=32)
+    kw = dict(steps=6, batch_size=32, lr=1e-3, checkpoint=tmp_path / "ck", checkpoint_every=3, progress=False)
+    train_sae(SAE(16, 32, kind="topk", k=4), X, **{**kw, "steps": 3})
+    with pytest.raises(WorkbenchError, match=r"other hyperparameters \(batch_size: checkpoint 32, this call 64; "
+                                             r"lr: checkpoint 0.001, this call 0.003\)"):
+        train_sae(SAE(16, 32, kind="topk", k=4), X, **{**kw, "lr": 3e-3, "batch_size": 64})
+    with pytest.raises(WorkbenchError, match="same data"):
+        train_sae(SAE(16, 32, kind="topk", k=4), X[:400], **kw)
+    with pytest.raises(WorkbenchError, match="past steps=2"):
+        train_sae(SAE(16, 32, kind="topk", k=4), X, **{**kw, "steps": 2})
+    with pytest.raises(WorkbenchError, match=r"another SAE \(apply_b_dec_to_input: checkpoint True, this SAE False\)"):
+        train_sae(SAE(16, 32, kind="topk", k=4, apply_b_dec_to_input=False), X, **kw)
+    log = train_sae(SAE(16, 32, kind="topk", k=4), X, **kw)  # same settings: resumes
+    assert len(log["loss"]) == 6
+    (tmp_path / "ck" / "train_state.json").write_text("{\"step\": 3, ")
+    with pytest.raises(WorkbenchError, match="train_state.json.*not valid JSON"):
+        train_sae(SAE(16, 32, kind="topk", k=4), X, **kw)

@@ -217,6 +217,10 @@ class ActivationBuffer:
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted({"rows", "order", "counters", "rng"} - set(state))
+        if missing:
+            raise WorkbenchError(f"the saved stream state lacks {missing}: it is not an ActivationBuffer's; "
+                                 "resume with the same kind of data")
         if state["rows"].ndim != 2 or state["rows"].shape[1] != self.width:
             raise WorkbenchError(f"buffer state has rows {tuple(state['rows'].shape)}; this buffer holds width {self.width}")
         self.rows = state["rows"].to(self.dtype).clone()

@@ -1,33 +1,45 @@
-"""Sparse autoencoders: ReLU + L1, TopK and BatchTopK, trained on streamed activations.
+"""Sparse autoencoders: ReLU + L1, TopK and BatchTopK, trained on streamed activations;
+JumpReLU and gated SAEs loaded from SAELens.
 
-Conventions (those of SAELens, so its published dictionaries load as they are):
+Conventions (those of SAELens, so its dictionaries load as they are):
 ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in] (each feature's
 decoder direction is a row, kept at unit norm while training), ``b_dec`` [d_in],
-optional ``threshold`` [d_sae] (JumpReLU; BatchTopK's inference threshold).
+``threshold`` ([d_sae] for JumpReLU; one number, BatchTopK's inference threshold).
 
-    f = act((x - b_dec) @ W_enc + b_enc)      # b_dec subtracted when apply_b_dec_to_input
+    pre = (x - b_dec) @ W_enc + b_enc         # b_dec subtracted when apply_b_dec_to_input
+    f = act(pre)
     x_hat = f @ W_dec + b_dec
 
 ``act`` is ReLU (``kind="relu"``), keep the k largest per token then ReLU (``"topk"``),
-keep the k * batch largest over the batch (``"batchtopk"``; a single learned threshold
-at inference) or ``pre * (pre > threshold)`` (``"jumprelu"``, for loaded SAEs).
+keep the k * batch largest over the batch while training and ``relu(pre) * (pre >
+threshold)`` at inference (``"batchtopk"``), ``relu(pre) * (pre > threshold)`` per
+feature (``"jumprelu"``), or ``(pre > 0) * relu((x - b_dec) @ (W_enc * exp(r_mag)) +
+b_mag)`` (``"gated"``: ``b_enc`` is the gate's bias, SAELens's ``b_gate``).
 
 A TopK SAE decodes sparsely (only k rows of ``W_dec`` per token, through
 ``embedding_bag``), so its decoder costs k / d_sae of a dense one.
 
-Saving writes a folder with ``cfg.json`` and ``sae.safetensors`` (no pickle);
-:meth:`SAE.load` reads that and the SAELens layout (``cfg.json`` +
-``sae_weights.safetensors``).
+Persistence (safetensors and JSON only, no pickle): :meth:`SAE.save` writes a folder
+whose ``cfg.json`` is written last and names the weights file by its SHA-256 (see
+:mod:`workbench.circuits.storage`), so an interrupted save leaves the old SAE or the new
+one, never a mix; ``save(path, format="saelens")`` writes SAELens's inference layout
+(``cfg.json`` + ``sae_weights.safetensors``) that ``sae_lens.SAE.load_from_disk``
+reads. :meth:`SAE.load` reads both, and every folder SAELens 6 writes: inference saves
+and training checkpoints of standard, TopK, BatchTopK, JumpReLU and gated SAEs, with
+``rescale_acts_by_decoder_norm``, ``log_threshold``, ``apply_b_dec_to_input`` and the
+normalisations that fold into the weights honoured (an unsupported setting is a
+WorkbenchError naming its key).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -35,10 +47,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workbench.circuits import storage
 from workbench.errors import WorkbenchError, one_of
 from workbench.results import Result, provenance, register
 
-KINDS = ("relu", "topk", "batchtopk", "jumprelu")
+KINDS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+TRAINABLE_KINDS = ("relu", "topk", "batchtopk")
+FORMAT = "workbench-sae"
+FORMAT_VERSION = 2
+SAE_MANIFEST, SAE_PREFIX = "cfg.json", "sae"
+# the SAELens on-disk format written (``metadata.sae_lens_version``; below 6 SAELens reads a config as pre-6)
+SAELENS_FORMAT_VERSION = "6.0.0"
 
 
 class SAE(torch.nn.Module):
@@ -50,7 +69,7 @@ class SAE(torch.nn.Module):
         d_sae: int,
         *,
         kind: str = "topk",
-        k: int | None = None,
+        k: int | float | None = None,
         site: str | None = None,
         model: str | None = None,
         apply_b_dec_to_input: bool = True,
@@ -61,15 +80,24 @@ class SAE(torch.nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise one_of("SAE kind", kind, KINDS)
-        if d_in < 1 or d_sae < 1:
-            raise WorkbenchError(f"need d_in >= 1 and d_sae >= 1, got d_in={d_in}, d_sae={d_sae}")
-        if kind in ("topk", "batchtopk"):
-            if k is None or not 1 <= k <= d_sae:
-                raise WorkbenchError(f"a {kind} SAE needs 1 <= k <= d_sae ({d_sae}), got k={k}")
+        if not (is_integer(d_in) and is_integer(d_sae)) or d_in < 1 or d_sae < 1:
+            raise WorkbenchError(f"need integers d_in >= 1 and d_sae >= 1, got d_in={d_in!r}, d_sae={d_sae!r}")
+        d_in, d_sae = int(d_in), int(d_sae)
+        if kind == "topk":
+            if not (is_integer(k) and 1 <= k <= d_sae):
+                raise WorkbenchError(f"a topk SAE needs an integer 1 <= k <= d_sae ({d_sae}), got k={k!r}")
+            k = int(k)
+        elif kind == "batchtopk":
+            if not (isinstance(k, numbers.Real) and not isinstance(k, bool) and 0 < k <= d_sae):
+                raise WorkbenchError(f"a batchtopk SAE needs 0 < k <= d_sae ({d_sae}) (k may be fractional: "
+                                     f"int(k x rows) features are kept per batch), got k={k!r}")
+            k = int(k) if float(k).is_integer() else float(k)
+        else:
+            k = None
         self.d_in, self.d_sae, self.kind, self.k = d_in, d_sae, kind, k
         self.site, self.model_name = site, model
-        self.apply_b_dec_to_input = apply_b_dec_to_input
-        self.skip_first = skip_first
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.skip_first = bool(skip_first)
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(d_sae, d_in, generator=g, dtype=torch.float32)
         w = w / w.norm(dim=1, keepdim=True)
@@ -77,6 +105,9 @@ class SAE(torch.nn.Module):
         self.W_enc = torch.nn.Parameter(w.T.clone().to(dtype))
         self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_in, dtype=dtype))
+        if kind == "gated":
+            self.r_mag = torch.nn.Parameter(torch.zeros(d_sae, dtype=dtype))
+            self.b_mag = torch.nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         thr = torch.zeros(d_sae if kind == "jumprelu" else 1, dtype=dtype)
         self.register_buffer("threshold", thr)
 
@@ -114,13 +145,15 @@ class SAE(torch.nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations [..., d_sae]."""
+    def sae_in(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: ``x`` (cast), minus ``b_dec`` when apply_b_dec_to_input."""
         self.check_input(x)
         x = x.to(self.W_enc.dtype)
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations [..., d_sae] (for a gated SAE, the gate's)."""
+        return self.sae_in(x) @ self.W_enc + self.b_enc
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK only: (values, indices) [..., k] of the active features."""
@@ -131,22 +164,19 @@ class SAE(torch.nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations [..., d_sae]."""
+        if self.kind == "gated":
+            s = self.sae_in(x)
+            gate = (s @ self.W_enc + self.b_enc) > 0
+            return gate * F.relu(s @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
         pre = self.pre(x)
         if self.kind == "relu":
             return F.relu(pre)
         if self.kind == "topk":
             vals, idx = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
-        if self.kind == "jumprelu":
-            return pre * (pre > self.threshold)
-        # batchtopk
-        if self.training:
-            flat = F.relu(pre.reshape(-1, self.d_sae))
-            n = min(flat.numel(), self.k * flat.shape[0])
-            vals, idx = flat.flatten().topk(n)
-            out = torch.zeros_like(flat).flatten().scatter(0, idx, vals).reshape(pre.shape)
-            return out
-        return F.relu(pre) * (pre > self.threshold)
+        if self.kind == "batchtopk" and self.training:
+            return batch_topk(pre, self.k)
+        return F.relu(pre) * (pre > self.threshold)  # jumprelu; batchtopk at inference
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """[..., d_sae] -> [..., d_in]."""
@@ -169,53 +199,145 @@ class SAE(torch.nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Scale each decoder row to unit norm (and the encoder to match, so outputs are kept)."""
-        norms = self.W_dec.norm(dim=1).clamp(min=1e-12)
-        self.W_dec.div_(norms[:, None])
-        self.W_enc.mul_(norms[None, :])
-        self.b_enc.mul_(norms)
+        self.fold_decoder_norms(self.W_dec.norm(dim=1).clamp(min=1e-12))
+
+    @torch.no_grad()
+    def fold_decoder_norms(self, norms: torch.Tensor) -> None:
+        """Divide decoder row i by ``norms[i]`` and multiply feature i's encoder column and
+        bias(es) by it: reconstructions are unchanged, activations scale by ``norms``."""
+        self.W_dec.div_(norms[:, None].to(self.W_dec.dtype))
+        self.W_enc.mul_(norms[None, :].to(self.W_enc.dtype))
+        self.b_enc.mul_(norms.to(self.b_enc.dtype))
+        if self.kind == "gated":
+            self.b_mag.mul_(norms.to(self.b_mag.dtype))
         if self.kind == "jumprelu":
-            self.threshold.mul_(norms)
+            self.threshold.mul_(norms.to(self.threshold.dtype))
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str | os.PathLike) -> str:
-        """Write ``path/cfg.json`` and ``path/sae.safetensors`` (a temp folder renamed into place)."""
-        from safetensors.torch import save_file
+    def save(self, path: str | os.PathLike, *, format: str = "workbench") -> str:
+        """Write this SAE to the folder ``path``.
 
+        ``format="workbench"``: ``cfg.json`` + ``sae-<hash>.safetensors``; ``cfg.json``,
+        written last, is the commit point, so an interrupted save leaves the previous SAE
+        intact. An existing folder is accepted only if it is empty or holds an SAE
+        written here; files in it that this method did not write are never touched.
+
+        ``format="saelens"``: SAELens 6's inference layout (``cfg.json`` +
+        ``sae_weights.safetensors``; standard, topk, jumprelu or gated; a BatchTopK SAE
+        is written as JumpReLU with its threshold, as SAELens does). Written into a
+        temporary folder that is renamed into place; ``path`` must not exist or be empty.
+        """
+        if format == "saelens":
+            return self._save_saelens(Path(path))
+        if format != "workbench":
+            raise one_of("SAE save format", format, ("workbench", "saelens"))
         path = Path(path)
+        check_sae_folder_writable(path)
+        legacy = path / "sae.safetensors"  # the weights of a version-1 folder (before content names)
+        legacy_ours = legacy.exists() and storage.read_json(path / SAE_MANIFEST).get("version", 1) == 1
+        storage.commit(path, SAE_MANIFEST, {"format": FORMAT, "version": FORMAT_VERSION, **self.config()},
+                       self.state_dict(), prefix=SAE_PREFIX)
+        if legacy_ours:
+            storage.remove(legacy)
+        return str(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SAE":
+        """Load a folder written by :meth:`save` or by SAELens (see the module docstring)."""
+        path = Path(path)
+        cfg_path = path / "cfg.json"
+        if not path.is_dir() or not cfg_path.is_file():
+            raise WorkbenchError(f"no SAE at {str(path)!r}: expected a folder with cfg.json and the weights "
+                                 "(sae-<hash>.safetensors from workbench, sae_weights.safetensors from SAELens)")
+        cfg = storage.read_json(cfg_path, "SAE config")
+        if cfg.get("format") == FORMAT:
+            return _from_workbench(cls, path, cfg).to(device).eval()
+        return _from_saelens(cls, path, cfg).to(device).eval()
+
+    def _save_saelens(self, path: Path) -> str:
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise WorkbenchError(f"{str(path)!r} exists and is not an empty folder; SAELens-format saves never "
+                                 "overwrite: pick a new folder")
+        cfg, tensors = saelens_layout(self)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        tmp = path.parent / f".{path.name}{storage.TMP_MARK}{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp / "sae.safetensors")
-            (tmp / "cfg.json").write_text(json.dumps({"format": "workbench-sae", **self.config()}, indent=1))
+            storage.write_tensors(tmp / "sae_weights.safetensors", tensors)
+            storage.write_text(tmp / "cfg.json", json.dumps(cfg, indent=1, allow_nan=False))
             if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+                path.rmdir()  # empty (checked above)
+            storage.replace(tmp, path)  # the commit point
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
         return str(path)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "SAE":
-        """Load a folder written by :meth:`save`, or a SAELens folder (``cfg.json`` +
-        ``sae_weights.safetensors`` with W_enc, b_enc, W_dec, b_dec and optionally threshold)."""
-        from safetensors.torch import load_file
 
-        path = Path(path)
-        cfg_path = path / "cfg.json"
-        if not cfg_path.exists():
-            raise WorkbenchError(f"no SAE at {str(path)!r}: expected a folder with cfg.json and sae.safetensors "
-                                 "(workbench) or sae_weights.safetensors (SAELens)")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") == "workbench-sae":
-            sae = cls(cfg["d_in"], cfg["d_sae"], kind=cfg["kind"], k=cfg["k"], site=cfg["site"], model=cfg["model"],
-                      apply_b_dec_to_input=cfg["apply_b_dec_to_input"], skip_first=cfg["skip_first"],
-                      dtype=getattr(torch, cfg.get("dtype", "float32")))
-            sae.load_state_dict(load_file(path / "sae.safetensors"))
-            return sae.to(device).eval()
-        return _from_saelens(cls, path, cfg, device)
+def is_integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
+
+def batch_topk(pre: torch.Tensor, k: float) -> torch.Tensor:
+    """BatchTopK: of relu(pre) over the whole batch keep the int(k x rows) largest."""
+    flat = F.relu(pre.reshape(-1, pre.shape[-1]))
+    n = min(flat.numel(), int(k * flat.shape[0]))
+    vals, idx = flat.flatten().topk(n)
+    return torch.zeros_like(flat).flatten().scatter(0, idx, vals).reshape(pre.shape)
+
+
+# ---------------------------------------------------------------------- workbench folders
+
+
+def check_sae_folder_writable(path: Path) -> None:
+    """Refuse to save into anything but a new or empty folder or one holding an SAE saved here."""
+    if path.exists() and not path.is_dir():
+        raise WorkbenchError(f"cannot save an SAE to {str(path)!r}: it is a file, not a folder")
+    if not path.exists():
+        return
+    names = [p.name for p in path.iterdir()]
+    if not names:
+        return
+    cfg_path = path / SAE_MANIFEST
+    if cfg_path.exists():
+        try:
+            ours = storage.read_json(cfg_path).get("format") == FORMAT
+        except WorkbenchError:
+            ours = False
+    else:  # only the leftovers of an interrupted first save?
+        ours = all(storage.is_own_file(n, SAE_MANIFEST, SAE_PREFIX) for n in names)
+    if not ours:
+        raise WorkbenchError(f"cannot save an SAE to {str(path)!r}: the folder holds files that SAE.save did not "
+                             f"write ({', '.join(sorted(names)[:5])}{', ...' if len(names) > 5 else ''}); "
+                             "pick a new or empty folder")
+
+
+def _from_workbench(cls, path: Path, cfg: dict) -> SAE:
+    cfg_path = path / SAE_MANIFEST
+    keys = ("d_in", "d_sae", "kind", "k", "site", "model", "apply_b_dec_to_input", "skip_first")
+    storage.require_keys(cfg, keys, cfg_path)
+    dtype = cfg.get("dtype", "float32")
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise WorkbenchError(f"{str(cfg_path)!r}: unknown dtype {dtype!r}")
+    try:
+        sae = cls(cfg["d_in"], cfg["d_sae"], kind=cfg["kind"], k=cfg["k"], site=cfg["site"], model=cfg["model"],
+                  apply_b_dec_to_input=cfg["apply_b_dec_to_input"], skip_first=cfg["skip_first"],
+                  dtype=getattr(torch, dtype))
+    except WorkbenchError as e:
+        raise WorkbenchError(f"{str(cfg_path)!r}: {e}") from None
+    if cfg.get("version", 1) >= 2:
+        tensors = storage.read_committed(path, SAE_MANIFEST, "SAE config", manifest=cfg)
+        wpath = path / cfg["tensors"]["file"]
+    else:  # written before content-named weights
+        wpath = path / "sae.safetensors"
+        tensors = storage.load_tensors(wpath)
+    storage.check_tensors(tensors, {k: tuple(v.shape) for k, v in sae.state_dict().items()}, wpath)
+    sae.load_state_dict(tensors)
+    return sae
+
+
+# ---------------------------------------------------------------------- SAELens folders
 
 _TL_HOOKS = {
     "hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post", "hook_attn_out": "attn_out",
@@ -235,51 +357,238 @@ def site_from_hook(hook: str | None) -> str | None:
     return None
 
 
-def _from_saelens(cls, path: Path, cfg: dict, device) -> SAE:
-    from safetensors.torch import load_file
+def hook_from_site(site: str | None) -> str | None:
+    """workbench site -> TransformerLens hook name (``resid_pre.8`` -> ``blocks.8.hook_resid_pre``)."""
+    if not site:
+        return None
+    if site == "embed":
+        return "hook_embed"
+    m = re.fullmatch(r"([a-z_]+)\.(\d+)", site)
+    hooks = {v: k for k, v in _TL_HOOKS.items() if v}
+    if m and m.group(1) in hooks:
+        return f"blocks.{m.group(2)}.{hooks[m.group(1)]}"
+    return None
 
-    wpath = path / "sae_weights.safetensors"
-    if not wpath.exists():
-        raise WorkbenchError(f"{str(path)!r} has a cfg.json but no sae_weights.safetensors (SAELens) or sae.safetensors")
-    w = load_file(wpath)
-    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in w]
-    if missing:
-        raise WorkbenchError(f"{wpath} lacks {missing}; a SAELens SAE holds W_enc, b_enc, W_dec, b_dec (and threshold)")
+
+SAELENS_ARCHITECTURES = ("standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _saelens_cfg(cfg: dict, cfg_path: Path) -> dict:
+    """A flat view of a SAELens cfg.json (6.x, or older: renamed keys, metadata at top level)."""
     meta = cfg.get("metadata") or {}
-    d_in, d_sae = w["W_enc"].shape
-    if w["W_dec"].shape != (d_sae, d_in):
-        raise WorkbenchError(f"W_dec has shape {tuple(w['W_dec'].shape)}; with W_enc {tuple(w['W_enc'].shape)} it must be {(d_sae, d_in)}")
-    for key, want in (("d_in", d_in), ("d_sae", d_sae)):
-        if key in cfg and int(cfg[key]) != want:
-            raise WorkbenchError(f"cfg.json says {key}={cfg[key]} but the weights give {want}")
-    arch = str(cfg.get("architecture") or "standard").lower()
-    act = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu").lower()
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if arch == "jumprelu" or "threshold" in w:
-        kind = "jumprelu"
-    elif arch in ("topk", "batchtopk") or act == "topk":
-        kind = "topk"
-    elif arch == "standard" and act == "relu":
-        kind = "relu"
-    else:
-        raise WorkbenchError(f"SAELens architecture {arch!r} with activation {act!r} is not supported; "
-                             "supported: standard (relu), topk, batchtopk, jumprelu")
-    norm = cfg.get("normalize_activations") or "none"
-    if norm not in ("none", None):
-        raise WorkbenchError(f"SAELens normalize_activations={norm!r} is not supported (only 'none')")
-    hook = cfg.get("hook_name") or meta.get("hook_name")
-    model = cfg.get("model_name") or meta.get("model_name")
-    prepend_bos = cfg.get("prepend_bos", meta.get("prepend_bos", True))
-    sae = cls(d_in, d_sae, kind=kind, k=int(k) if kind == "topk" else None, site=site_from_hook(hook), model=model,
-              apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), skip_first=bool(prepend_bos),
-              dtype=w["W_enc"].dtype)
+    if not isinstance(meta, dict):
+        raise WorkbenchError(f"{str(cfg_path)!r}: 'metadata' must be a JSON object, got {type(meta).__name__}")
+    version = str(cfg.get("sae_lens_version") or meta.get("sae_lens_version") or "0")
+    m = re.match(r"(\d+)", version)
+    out = dict(cfg)
+    if not m or int(m.group(1)) < 6:  # SAELens < 6 wrote other names
+        for old, new in (("hook_point", "hook_name"), ("hook_point_head_index", "hook_head_index"),
+                         ("activation_fn_str", "activation_fn")):
+            if old in out and new not in out:
+                out[new] = out[old]
+        act = str(out.get("activation_fn") or "relu")
+        kwargs = out.get("activation_fn_kwargs") or {}
+        if act == "topk" and kwargs.get("k") is not None:
+            out["architecture"], out["k"] = "topk", kwargs["k"]
+        elif act != "relu" and out.get("architecture", "standard") == "standard":
+            raise WorkbenchError(f"{str(cfg_path)!r}: activation_fn={act!r} is not supported for a standard SAE "
+                                 "(supported: relu, topk with activation_fn_kwargs.k)")
+        if isinstance(out.get("normalize_activations"), bool):
+            out["normalize_activations"] = "expected_average_only_in" if out["normalize_activations"] else "none"
+    for key in ("hook_name", "model_name", "prepend_bos", "hook_head_index"):
+        if key not in out and key in meta:
+            out[key] = meta[key]
+    out["metadata"] = meta
+    return out
+
+
+def _fold_whitening(sae: SAE, mean: torch.Tensor, M: torch.Tensor, M_inv: torch.Tensor) -> None:
+    """Absorb z = (x - mean) @ M (and x = z @ M_inv + mean) into the weights, so the SAE
+    takes raw activations (SAELens's ``fold_activation_whitening``)."""
+    dt = torch.promote_types(sae.W_enc.dtype, M.dtype)
+    mean, M, M_inv = mean.to(dt), M.to(dt), M_inv.to(dt)
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        W_enc = M @ sae.W_enc.to(dt)
+        sae.W_enc.copy_(W_enc)
+        if not sae.apply_b_dec_to_input:
+            shift = mean @ W_enc
+            sae.b_enc.sub_(shift.to(sae.b_enc.dtype))
+            if sae.kind == "gated":
+                sae.b_mag.sub_((shift * sae.r_mag.to(dt).exp()).to(sae.b_mag.dtype))
+        sae.W_dec.copy_(sae.W_dec.to(dt) @ M_inv)
+        sae.b_dec.copy_(sae.b_dec.to(dt) @ M_inv + mean)
+
+
+def _from_saelens(cls, path: Path, raw_cfg: dict) -> SAE:
+    """An SAE from a folder SAELens 6 (or older) wrote: an inference save or a training checkpoint."""
+    cfg_path = path / "cfg.json"
+    cfg = _saelens_cfg(raw_cfg, cfg_path)
+    meta = cfg["metadata"]
+    arch = str(cfg.get("architecture") or "standard")
+    if arch not in SAELENS_ARCHITECTURES:
+        raise WorkbenchError(f"{str(cfg_path)!r}: SAELens architecture={arch!r} is not supported; "
+                             f"supported: {', '.join(SAELENS_ARCHITECTURES)}")
+    wpath = path / "sae_weights.safetensors"
+    if not wpath.is_file():
+        raise WorkbenchError(f"{str(path)!r} has a cfg.json but no sae_weights.safetensors (SAELens) and its "
+                             f"cfg.json is not a workbench one (no \"format\": {FORMAT!r})")
+    w = storage.load_tensors(wpath)
+    # weights SAELens once stored that are plain numbers of the config
+    if "scaling_factor" in w:  # SAELens < 6 "finetuning scaling factor": decode(f * s)
+        s = w.pop("scaling_factor")
+        if not torch.allclose(s, torch.ones_like(s)):
+            if "W_dec" in w and s.shape == (w["W_dec"].shape[0],):
+                w["W_dec"] = w["W_dec"] * s[:, None].to(w["W_dec"].dtype)  # folded: same reconstructions
+            else:
+                raise WorkbenchError(f"{str(wpath)!r}: scaling_factor has shape {tuple(s.shape)}; expected [d_sae]")
+    if "log_threshold" in w:
+        if "threshold" in w:
+            raise WorkbenchError(f"{str(wpath)!r} holds both threshold and log_threshold; expected one")
+        w["threshold"] = w.pop("log_threshold").exp()
+    if "W_enc" not in w or w["W_enc"].ndim != 2:
+        raise WorkbenchError(f"{str(wpath)!r}: no 2-d W_enc [d_in, d_sae] (tensors: {sorted(w)})")
+    d_in, d_sae = (int(n) for n in w["W_enc"].shape)
+    for key, want in (("d_in", d_in), ("d_sae", d_sae)):
+        if key in cfg and cfg[key] != want:
+            raise WorkbenchError(f"{str(cfg_path)!r} says {key}={cfg[key]} but W_enc in {wpath.name} "
+                                 f"({d_in} x {d_sae}) gives {want}")
+    gate_bias = "b_gate" if arch == "gated" else "b_enc"
+    want = {"W_enc": (d_in, d_sae), gate_bias: (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if arch == "jumprelu":
+        want["threshold"] = (d_sae,)
+    elif arch in ("batchtopk", "matryoshka_batchtopk"):
+        want["topk_threshold"] = ()
+    elif arch == "gated":
+        want.update(r_mag=(d_sae,), b_mag=(d_sae,))
+    storage.check_tensors(w, want, wpath)
+
+    # the settings that change what the SAE computes
+    norm = cfg.get("normalize_activations") or "none"
+    scale, whitening = None, None
+    if norm == "expected_average_only_in":
+        scaler = path / "activation_scaler.json"
+        factor = storage.read_json(scaler, "SAELens activation scaler").get("scaling_factor") \
+            if scaler.exists() else None
+        if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise WorkbenchError(f"{str(cfg_path)!r}: normalize_activations='expected_average_only_in' needs the "
+                                 "activation scaling factor, and the folder has no activation_scaler.json holding one; "
+                                 "fold it into the weights first (SAELens: sae.fold_activation_norm_scaling_factor)")
+        scale = float(factor)
+    elif norm == "covariance_whitening":
+        wfile = path / "activation_whitening.safetensors"
+        if not wfile.exists():
+            raise WorkbenchError(f"{str(cfg_path)!r}: normalize_activations='covariance_whitening' needs "
+                                 "activation_whitening.safetensors (mean, matrix, inverse_matrix) beside it; "
+                                 "fold it into the weights first (SAELens: sae.fold_activation_whitening)")
+        whitening = storage.load_tensors(wfile)
+        storage.check_tensors(whitening, {"mean": (d_in,), "matrix": (d_in, d_in), "inverse_matrix": (d_in, d_in)},
+                              wfile)
+    elif norm != "none":
+        raise WorkbenchError(f"{str(cfg_path)!r}: normalize_activations={norm!r} is not supported (it normalises each "
+                             "input at run time, which cannot be folded into the weights); supported: 'none', "
+                             "'expected_average_only_in' and 'covariance_whitening' (folded into the weights)")
+    reshape = cfg.get("reshape_activations") or "none"
+    if reshape not in ("none", "hook_z"):  # hook_z: heads concatenated, as workbench's z sites are
+        raise WorkbenchError(f"{str(cfg_path)!r}: reshape_activations={reshape!r} is not supported; "
+                             "supported: 'none', 'hook_z'")
+    dtype = cfg.get("dtype")
+    if dtype is None:
+        dt = w["W_enc"].dtype
+    elif str(dtype).replace("torch.", "") in _DTYPES:
+        dt = _DTYPES[str(dtype).replace("torch.", "")]
+    else:
+        raise WorkbenchError(f"{str(cfg_path)!r}: dtype={dtype!r} is not supported; supported: {list(_DTYPES)}")
+
+    wb = meta.get("workbench") if isinstance(meta.get("workbench"), dict) else {}
+    if arch == "standard":
+        kind, k = "relu", None
+    elif arch == "topk":
+        kind, k = "topk", cfg.get("k")
+    elif arch in ("batchtopk", "matryoshka_batchtopk"):
+        kind, k = "batchtopk", cfg.get("k")
+    elif arch == "jumprelu":
+        kind, k = "jumprelu", None
+        thr = w["threshold"]
+        if wb.get("kind") == "batchtopk" and bool((thr == thr[0]).all()):  # a BatchTopK SAE saved here
+            kind, k = "batchtopk", wb.get("k")
+            w["threshold"] = thr[:1]
+    else:
+        kind, k = "gated", None
+    if kind in ("topk", "batchtopk") and k is None:
+        raise WorkbenchError(f"{str(cfg_path)!r}: a {arch} SAE needs its k (key 'k')")
+    if kind == "topk" and isinstance(k, float) and k.is_integer():
+        k = int(k)
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False)) and arch in (
+        "topk", "batchtopk", "matryoshka_batchtopk")
+    hook = cfg.get("hook_name")
+    site = wb["site"] if "site" in wb else site_from_hook(hook)
+    if cfg.get("hook_head_index") is not None:
+        site = None  # one head's slice of z: no workbench site holds it
+    try:
+        sae = cls(d_in, d_sae, kind=kind, k=k, site=site, model=wb.get("model", cfg.get("model_name")),
+                  apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+                  skip_first=bool(wb.get("skip_first", cfg.get("prepend_bos", True))), dtype=dt)
+    except WorkbenchError as e:
+        raise WorkbenchError(f"{str(cfg_path)!r}: {e}") from None
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_dec"):
             getattr(sae, name).copy_(w[name])
-        if kind == "jumprelu":
-            sae.threshold.copy_(w["threshold"] if "threshold" in w else torch.zeros(d_sae))
+        sae.b_enc.copy_(w[gate_bias])
+        if kind == "gated":
+            sae.r_mag.copy_(w["r_mag"])
+            sae.b_mag.copy_(w["b_mag"])
+        if "threshold" in w:
+            sae.threshold.copy_(w["threshold"])
+        if "topk_threshold" in w:
+            sae.threshold.fill_(float(w["topk_threshold"]))
+        # in SAELens's order: the activation scale, the decoder norms, the whitening
+        if scale is not None:
+            sae.W_enc.mul_(scale)
+            sae.W_dec.div_(scale)
+            sae.b_dec.div_(scale)
+            if rescale and kind == "batchtopk":  # its threshold is in units of pre x |W_dec row|
+                sae.threshold.div_(scale)
+        if rescale:  # pre x |W_dec row| selects, f / |W_dec row| decodes: fold the norms in
+            norms = sae.W_dec.norm(dim=-1).clamp(min=1e-8)
+            sae.W_dec.div_(norms[:, None])
+            sae.W_enc.mul_(norms[None, :])
+            sae.b_enc.mul_(norms)
+        if whitening is not None:
+            _fold_whitening(sae, whitening["mean"], whitening["matrix"], whitening["inverse_matrix"])
     sae.hook_name = hook
-    return sae.to(device).eval()
+    return sae
+
+
+def saelens_layout(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The cfg.json and weights of SAELens 6's inference format for ``sae``."""
+    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+            "gated": "gated"}[sae.kind]
+    sd = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    tensors = {"W_enc": sd["W_enc"], "W_dec": sd["W_dec"], "b_dec": sd["b_dec"]}
+    tensors["b_gate" if sae.kind == "gated" else "b_enc"] = sd["b_enc"]
+    if sae.kind == "gated":
+        tensors.update(r_mag=sd["r_mag"], b_mag=sd["b_mag"])
+    if sae.kind == "jumprelu":
+        tensors["threshold"] = sd["threshold"]
+    if sae.kind == "batchtopk":
+        tensors["threshold"] = sd["threshold"].expand(sae.d_sae).clone()
+    hook = hook_from_site(sae.site)
+    cfg = {
+        "architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae,
+        "dtype": str(sae.W_dec.dtype).replace("torch.", ""), "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
+        "reshape_activations": "hook_z" if hook and hook.endswith("hook_z") else "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+            "model_name": sae.model_name, "hook_name": hook, "prepend_bos": sae.skip_first,
+            "workbench": {"kind": sae.kind, "k": sae.k, "site": sae.site, "model": sae.model_name,
+                          "skip_first": sae.skip_first},
+        },
+    }
+    if arch == "topk":
+        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    return cfg, tensors
 
 
 # ---------------------------------------------------------------------- data streams
@@ -289,8 +598,10 @@ class TensorStream:
     """Shuffled batches from an in-memory [rows, d] tensor, forever; resumable."""
 
     def __init__(self, data: torch.Tensor, batch_size: int, *, seed: int = 0) -> None:
-        if data.ndim != 2 or len(data) < 1:
-            raise WorkbenchError(f"training data must be [rows, d], got shape {tuple(data.shape)}")
+        if not isinstance(data, torch.Tensor) or data.ndim != 2 or len(data) < 1:
+            raise WorkbenchError(f"training data must be a [rows, d] tensor with rows >= 1, got "
+                                 f"{tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__}")
+        check_batch_size(batch_size)
         self.data, self.batch_size = data, min(batch_size, len(data))
         self.gen = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(len(data), generator=self.gen)
@@ -311,6 +622,9 @@ class TensorStream:
         return {"perm": self.perm.clone(), "pos": torch.tensor([self.pos]), "rng": self.gen.get_state()}
 
     def load_state_dict(self, s: dict[str, torch.Tensor]) -> None:
+        if set(s) != {"perm", "pos", "rng"} or s["perm"].shape != (len(self.data),):
+            raise WorkbenchError(f"the saved stream state is for {tuple(s['perm'].shape)[0] if 'perm' in s else '?'} "
+                                 f"rows of data; this data has {len(self.data)} rows: resume with the same data")
         self.perm, self.pos = s["perm"].clone(), int(s["pos"][0])
         self.gen.set_state(s["rng"].clone())
 
@@ -332,9 +646,17 @@ class _SkipStream:
         return {"consumed": torch.tensor([self.n])}
 
     def load_state_dict(self, s) -> None:
+        if "consumed" not in s:
+            raise WorkbenchError(f"the saved stream state ({sorted(s)}) is not that of a plain iterator of batches: "
+                                 "resume with the same kind of data")
         self.it, self.n = iter(self.src), 0
         for _ in range(int(s["consumed"][0])):
             next(self)
+
+
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise WorkbenchError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def as_stream(data, batch_size: int, seed: int):
@@ -343,6 +665,15 @@ def as_stream(data, batch_size: int, seed: int):
     if hasattr(data, "state_dict") and hasattr(data, "load_state_dict") and hasattr(data, "__next__"):
         return data
     return _SkipStream(data)
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise a WorkbenchError naming ``what`` and the first bad row if ``x`` [rows, d] holds NaN or inf."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = bad.reshape(len(x), -1).any(-1).nonzero()[:, 0]
+        raise WorkbenchError(f"{what} holds NaN or inf in {len(rows)} of its {len(x)} rows "
+                             f"(first: row {int(rows[0])}); remove or fix those rows before training")
 
 
 # ---------------------------------------------------------------------- training
@@ -427,20 +758,37 @@ def train_sae(
     clips the gradients' total norm before each step (SAELens clips at 1.0; with the same
     clip, initial weights and batches, both reach the same reconstruction error).
 
+    A batch holding NaN or inf, or a loss that is not finite, stops training with a
+    WorkbenchError naming the step, before the weights are touched.
+
     ``checkpoint`` names a folder: every ``checkpoint_every`` steps (and at the end) the
     SAE, the optimiser, the dead-feature counters, the random state and the data
-    stream's position are written there; calling again with the same folder resumes
-    where it stopped, and the result is bit-identical to an uninterrupted run.
+    stream's position are written there (``train_state.json``, written last, names the
+    tensors file by hash: an interrupted write leaves the previous checkpoint whole).
+    Calling again with the same folder resumes where it stopped, and the result is
+    bit-identical to an uninterrupted run; the call's hyperparameters must match the
+    checkpoint's (a WorkbenchError lists those that differ).
     A tqdm bar shows loss, L0 and the dead fraction.
     """
     from tqdm.auto import tqdm
 
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise WorkbenchError(f"max_grad_norm must be a positive number or None, got {max_grad_norm}")
-    if steps < 0:
-        raise WorkbenchError(f"steps must be >= 0, got {steps}")
-    if sae.kind == "jumprelu":
-        raise WorkbenchError("training JumpReLU SAEs is not supported; train relu, topk or batchtopk")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise WorkbenchError(f"steps must be an integer >= 0, got {steps!r}")
+    check_batch_size(batch_size)
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise WorkbenchError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    if sae.kind not in TRAINABLE_KINDS:
+        raise WorkbenchError(f"training {sae.kind} SAEs is not supported; train {', '.join(TRAINABLE_KINDS)}")
+    if isinstance(data, torch.Tensor):
+        sae.check_input(data, "training data")
+        check_finite(data, "the training data")
+    hyper = {"batch_size": batch_size, "lr": lr, "l1_coeff": l1_coeff, "lr_warmup_steps": lr_warmup_steps,
+             "lr_decay_steps": lr_decay_steps, "dead_after": dead_after, "aux_k": aux_k, "aux_coeff": aux_coeff,
+             "resample_every": resample_every, "max_grad_norm": max_grad_norm, "seed": seed}
+    if lr_decay_steps:  # the decay schedule is counted back from the last step
+        hyper["steps"] = steps
     torch.manual_seed(seed)
     stream = as_stream(data, batch_size, seed)
     dev = sae.W_dec.device
@@ -450,8 +798,14 @@ def train_sae(
     log: dict[str, list[float]] = {"loss": [], "mse": [], "l0": [], "dead_fraction": [], "aux": []}
     start = 0
     ck = Path(checkpoint) if checkpoint is not None else None
-    if ck is not None and (ck / "train_state.json").exists():
-        start, log = _load_checkpoint(ck, sae, opt, since_fired, gen, stream)
+    if ck is not None:
+        if ck.exists() and not ck.is_dir():
+            raise WorkbenchError(f"checkpoint {str(ck)!r} is a file; pass a folder")
+        if (ck / CHECKPOINT_MANIFEST).exists():
+            start, log = _load_checkpoint(ck, sae, opt, since_fired, gen, stream, hyper)
+            if start > steps:
+                raise WorkbenchError(f"checkpoint {str(ck)!r} is at step {start}, past steps={steps}; "
+                                     f"pass steps >= {start} or use another folder")
     k_aux = aux_k or max(1, sae.d_in // 2)
     sae.train()
 
@@ -468,6 +822,10 @@ def train_sae(
         for step in range(start, steps):
             x = next(stream).to(dev, sae.W_dec.dtype)
             sae.check_input(x, "training batch")
+            if x.ndim != 2 or len(x) == 0:
+                raise WorkbenchError(f"the training batch of step {step} has shape {tuple(x.shape)}; "
+                                     "batches must be [rows >= 1, d_in]")
+            check_finite(x, f"the training batch of step {step}")
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             pre = sae.pre(x)
@@ -484,12 +842,9 @@ def train_sae(
                 if sae.kind == "relu":
                     f = F.relu(pre)
                 else:
-                    flat = F.relu(pre)
-                    n = min(flat.numel(), sae.k * flat.shape[0])
-                    v, i = flat.flatten().topk(n)
-                    f = torch.zeros_like(flat).flatten().scatter(0, i, v).reshape(flat.shape)
+                    f = batch_topk(pre, sae.k)
                     with torch.no_grad():
-                        pos = v[v > 0]
+                        pos = f[f > 0]
                         if len(pos):
                             t = pos.min()
                             sae.threshold.copy_(t if step == 0 else 0.99 * sae.threshold + 0.01 * t)
@@ -504,6 +859,10 @@ def train_sae(
             if sae.kind in ("topk", "batchtopk") and aux_coeff > 0:
                 aux = _aux_loss(sae, x, x_hat, pre, dead, k_aux)
             loss = mse + l1_coeff * sparsity + aux_coeff * aux
+            if not bool(torch.isfinite(loss)):
+                raise WorkbenchError(f"the loss of step {step} is {float(loss.detach())} (MSE {float(mse.detach())}) "
+                                     "on a finite batch: training diverged; lower lr or set max_grad_norm. The SAE "
+                                     f"holds the weights after step {step - 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():  # no gradient along each decoder row (its norm is fixed)
@@ -526,7 +885,7 @@ def train_sae(
             if step % 10 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4g}", L0=f"{float(l0):.1f}", dead=f"{dead_frac:.1%}")
             if ck is not None and ((step + 1) % checkpoint_every == 0 or step == steps - 1):
-                _save_checkpoint(ck, step + 1, sae, opt, since_fired, gen, stream, log)
+                save_checkpoint(ck, step + 1, sae, opt, since_fired, gen, stream, log, hyper)
     finally:
         bar.close()
         sae.eval()
@@ -539,6 +898,14 @@ def train_sae(
                        attrs=params, provenance=provenance(seed=seed, params=params))
 
 
+# ---------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX = "train_state.json", "train_state"
+CHECKPOINT_FORMAT = "workbench-sae-checkpoint"
+# the SAE settings a checkpoint must share with the SAE it resumes
+RESUME_KEYS = ("d_in", "d_sae", "kind", "k", "apply_b_dec_to_input", "site", "dtype")
+
+
 def _optimizer_tensors(opt, sae: SAE) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in sae.named_parameters():
@@ -548,35 +915,43 @@ def _optimizer_tensors(opt, sae: SAE) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save_checkpoint(ck: Path, step: int, sae: SAE, opt, since_fired, gen, stream, log) -> None:
-    from safetensors.torch import save_file
-
-    ck.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(ck: Path, step: int, sae: SAE, opt, since_fired, gen, stream, log, hyper: dict) -> None:
+    """Write a resumable training state into the folder ``ck`` (one commit point: the manifest)."""
     tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     tensors.update(_optimizer_tensors(opt, sae))
     tensors["since_fired"] = since_fired.cpu()
     tensors["rng.resample"] = gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     tensors.update({f"data.{k}": v.detach().cpu().contiguous() for k, v in stream.state_dict().items()})
-    tmp = ck / "train_state.safetensors.tmp"
-    save_file(tensors, tmp)
-    meta = {"step": step, "config": sae.config(), "log": log}
-    jtmp = ck / "train_state.json.tmp"
-    jtmp.write_text(json.dumps(meta))
-    os.replace(tmp, ck / "train_state.safetensors")
-    os.replace(jtmp, ck / "train_state.json")
+    meta = {"format": CHECKPOINT_FORMAT, "version": 2, "step": step, "config": sae.config(),
+            "hyperparameters": hyper, "log": log}
+    storage.commit(ck, CHECKPOINT_MANIFEST, meta, tensors, prefix=CHECKPOINT_PREFIX)
 
 
-def _load_checkpoint(ck: Path, sae: SAE, opt, since_fired, gen, stream):
-    from safetensors.torch import load_file
-
-    meta = json.loads((ck / "train_state.json").read_text())
-    cfg = sae.config()
-    saved = meta["config"]
-    if {k: saved.get(k) for k in ("d_in", "d_sae", "kind", "k")} != {k: cfg[k] for k in ("d_in", "d_sae", "kind", "k")}:
-        raise WorkbenchError(f"checkpoint {str(ck)!r} is for {saved}, not this SAE ({cfg}); use another folder")
-    t = load_file(ck / "train_state.safetensors")
-    sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
+def _load_checkpoint(ck: Path, sae: SAE, opt, since_fired, gen, stream, hyper: dict):
+    mpath = ck / CHECKPOINT_MANIFEST
+    meta = storage.read_json(mpath, "training checkpoint")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise WorkbenchError(f"{str(mpath)!r} is not a workbench SAE training checkpoint (written by an older "
+                             "version, or by something else); use another folder")
+    storage.require_keys(meta, ("step", "config", "hyperparameters", "log", "tensors"), mpath)
+    cfg, saved = sae.config(), meta["config"]
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, this SAE {cfg[k]!r}" for k in RESUME_KEYS if saved.get(k) != cfg[k]]
+    if diff:
+        raise WorkbenchError(f"checkpoint {str(ck)!r} is for another SAE ({'; '.join(diff)}); use another folder")
+    old = meta["hyperparameters"]
+    diff = [f"{k}: checkpoint {old.get(k)!r}, this call {hyper.get(k)!r}" for k in sorted(set(old) | set(hyper))
+            if old.get(k) != hyper.get(k)]
+    if diff:
+        raise WorkbenchError(f"checkpoint {str(ck)!r} was written with other hyperparameters ({'; '.join(diff)}); "
+                             "resume with the same ones, or train into another folder")
+    t = storage.read_committed(ck, CHECKPOINT_MANIFEST, "training checkpoint", manifest=meta)
+    wpath = ck / meta["tensors"]["file"]
+    sd = {k[4:]: v for k, v in t.items() if k.startswith("sae.")}
+    storage.check_tensors(sd, {k: tuple(v.shape) for k, v in sae.state_dict().items()}, wpath)
+    if "since_fired" not in t or "rng.resample" not in t or "rng.torch" not in t:
+        raise WorkbenchError(f"{str(wpath)!r} lacks the training state (since_fired, rng.resample, rng.torch)")
+    sae.load_state_dict(sd)
     dev = sae.W_dec.device
     for name, p in sae.named_parameters():
         keys = [k for k in t if k.startswith(f"opt.{name}.")]
