@@ -206,7 +206,7 @@ def head_scores(
     Over prompts ``detect_head`` averages D with every prompt counting (0 where none of
     its queries has a target); ours averages W over the prompts that have a target (NaN
     per prompt otherwise). So the means differ by the factor above exactly when it is the
-    same for every prompt (equal n and |Q|, as in ``repeated_sequences``).
+    same for every prompt (equal n and |Q| > 0, as in ``repeated_sequences``).
 
     ``convention="transformer_lens"`` computes D instead (its induction target, divided by
     the prompt's total attention over its real tokens, 0 for a prompt without targets):
