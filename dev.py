@@ -7,11 +7,13 @@
 Needs only Python 3.10+ and the ability to install packages. Setting up creates
 ``.venv`` beside this file, installs a pinned torch and the package with its pinned
 dependencies (``constraints.txt``), and turns the tutorial ``notebooks/*.py`` into
-``.ipynb``. A second run skips what is already installed. Extra arguments after
-``test`` go to pytest (``python3 dev.py test -k subject``); after ``lab`` to JupyterLab.
+``.ipynb``. ``test`` (and ``bench``) also install the reference libraries and test
+tools of ``bench/requirements.txt`` in the same pip run, resolved against
+``constraints.txt`` (so no pin moves), for the conformance tests and the benchmarks.
+A second run skips what is already installed. Extra arguments after ``test`` go to
+pytest (``python3 dev.py test -k subject``); after ``lab`` to JupyterLab.
 
-    python3 dev.py bench [name ...]   # also installs the anchors (bench/requirements.txt)
-                                      # and prints every benchmark's ratios
+    python3 dev.py bench [name ...]   # prints every benchmark's ratios against the references
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ TORCH = "torch==2.13.0"  # CPU build where a local wheel exists; PyPI's build el
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+REFERENCES = "bench/requirements.txt"  # reference libraries and test tools: installed with the dev extras
 
 
 def run(cmd: list, **kw) -> None:
@@ -41,13 +44,14 @@ def setup(extras: str) -> None:
         sys.exit(f"interp-workbench needs Python 3.10 or newer; this is {sys.version.split()[0]}")
     if not PY.exists():
         run([sys.executable, "-m", "venv", VENV])
-    key = hashlib.sha256(
-        b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt")) + (TORCH + extras).encode()
-    ).hexdigest()
+    files = ["pyproject.toml", "constraints.txt"] + ([REFERENCES] if extras == "dev" else [])
+    key = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in files) + (TORCH + extras).encode()).hexdigest()
     stamp = VENV / f".stamp-{extras}"
     if not (stamp.exists() and stamp.read_text() == key):
         run([PY, "-m", "pip", "install", "--disable-pip-version-check", TORCH])
-        run([PY, "-m", "pip", "install", "--disable-pip-version-check", "-c", "constraints.txt", "-e", f".[{extras}]"])
+        refs = ["-r", REFERENCES] if extras == "dev" else []
+        run([PY, "-m", "pip", "install", "--disable-pip-version-check", "-c", "constraints.txt", "-e", f".[{extras}]",
+             *refs])
         stamp.write_text(key)
     notebooks = sorted((ROOT / "notebooks").glob("[0-9]*.py"))
     if notebooks:
@@ -84,8 +88,6 @@ def main(argv: list[str]) -> int:
     if cmd == "setup":
         return 0
     if cmd == "bench":
-        run([PY, "-m", "pip", "install", "--disable-pip-version-check", "-c", "constraints.txt",
-             "-r", "bench/requirements.txt"])
         os.environ.update(OFFLINE)
         return subprocess.run([str(PY), "bench/run.py", *rest], cwd=ROOT).returncode
     env = {**os.environ, **OFFLINE, "WORKBENCH_CHROMIUM": chromium()}

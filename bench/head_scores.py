@@ -92,8 +92,11 @@ def run() -> Table:
         for i, k in enumerate(TL_KINDS):
             diff = (torch.as_tensor(mine["score"][i]) - ref[k]).abs().max()
             t.notes.append(f"{k}: max |workbench - detect_head| = {float(diff):.3f}")
-    t.notes.append("detect_head ('mul') divides by every query row, the first copy's too, where no induction or "
-                   "duplicate target exists; workbench averages over the rows that have a target, hence about 2x there")
+    t.notes.append("detect_head ('mul') averages over all n query rows, workbench over the m rows that have a target: "
+                   "per prompt workbench = detect_head x n/m, i.e. n/(n-1) for previous-token and (2L+1)/L, about 2x, "
+                   "for duplicate and induction on L tokens repeated once; detect_head's induction target also counts "
+                   "the query itself where two adjacent tokens are equal. head_scores(..., convention='transformer_lens') "
+                   "gives detect_head's numbers (tests/conformance/test_transformerlens.py)")
     t.notes.append("speedup = detect_head / workbench and HF loop / workbench; cost = workbench / one batched HF forward")
     return t
 

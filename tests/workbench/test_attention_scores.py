@@ -87,6 +87,62 @@ def test_user_pattern_scores_attention_mass_on_its_targets():
         target_masks(IDS, torch.ones_like(IDS), ["pattern"])
 
 
+def test_transformer_lens_convention_on_hand_built_patterns():
+    # <bos> A A: each query attends only to itself
+    ids, attn = torch.tensor([[2, 5, 5]]), torch.eye(3)[None, None]
+    tl = _tl_scores(ids, attn)
+    # detect_head's induction target holds (2, 2): the token before query 2 is its own token
+    assert float(tl["induction"][0, 0]) == pytest.approx(1 / 3)
+    assert np.isnan(float(_scores(ids, attn)["induction"][0, 0]))  # ours: no key after an earlier "A"
+    assert float(tl["self"][0, 0]) == pytest.approx(1.0)
+    assert float(tl["previous_token"][0, 0]) == 0.0 and float(tl["duplicate"][0, 0]) == 0.0
+    # the hand-built heads on IDS: a mean over all 7 query rows, 0 where a row has no target
+    s = _tl_scores()
+    assert s["previous_token"][0].tolist() == pytest.approx([6 / 7, 1 / 7, np.mean([1 / (q + 1) for q in range(1, N)]) * 6 / 7])
+    assert s["induction"][0].tolist() == pytest.approx([0.0, 3 / 7, (1 / 5 + 1 / 6 + 1 / 7) / 7])
+    # padded rows and keys count in neither the targets nor the total
+    ids, mask = torch.tensor([[2, 5, 5, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]])
+    attn = torch.zeros(1, 1, 5, 5)
+    attn[0, 0, 0, 0] = attn[0, 0, 1, 0] = attn[0, 0, 2, 1] = 1
+    attn[0, 0, 3:, :] = 0.5
+    s = _tl_scores(ids, attn, mask)
+    assert float(s["previous_token"][0, 0]) == pytest.approx(2 / 3) and float(s["duplicate"][0, 0]) == pytest.approx(1 / 3)
+
+
+def _tl_scores(ids=IDS, attn=None, mask=None, kinds=KINDS):
+    mask = torch.ones_like(ids) if mask is None else mask
+    attn = _heads() if attn is None else attn
+    t = target_masks(ids, mask, kinds, convention="transformer_lens")
+    per = score_patterns(attn, t, mask=mask, convention="transformer_lens")
+    return {k: per[:, i] for i, k in enumerate(kinds)}
+
+
+def test_documented_relation_to_detect_head_holds_on_random_patterns():
+    """head_scores' docstring: W = D n / |Q| per kind, minus detect_head's induction self-target."""
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    ids = torch.randint(3, 7, (40, n), generator=g)  # four tokens: many repeats, adjacent ones too
+    ids[:, 0] = 2
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    logits = torch.randn(40, 3, n, n, generator=g) * 3
+    attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    w, d = _scores(ids, attn), _tl_scores(ids, attn)
+    mask = torch.ones_like(ids)
+    has = {k: (t.sum(-1) > 0).sum(-1).float()[:, None] for k, t in target_masks(ids, mask, KINDS).items()}  # |Q|
+    assert (has["previous_token"] == n - 1).all() and (has["self"] == n).all()
+    for kind in ("previous_token", "bos", "self", "duplicate"):
+        ok = has[kind][:, 0] > 0
+        assert torch.allclose(w[kind][ok] * has[kind][ok] / n, d[kind][ok], atol=1e-6), kind
+        assert (d[kind][~ok] == 0).all() and torch.isnan(w[kind][~ok]).all(), kind
+    adjacent = (ids[:, 1:] == ids[:, :-1]).float()  # query q repeats token q-1
+    diag = attn.diagonal(dim1=-2, dim2=-1)[..., 1:]  # [b, head, q >= 1]
+    self_target = (diag * adjacent[:, None]).sum(-1) / n
+    assert (self_target > 0.01).any()  # the correction is exercised
+    ind = torch.nan_to_num(w["induction"]) * has["induction"] / n
+    assert torch.allclose(ind, d["induction"] - self_target, atol=1e-6)
+    assert not torch.allclose(ind, d["induction"], atol=1e-3)
+
+
 def test_bootstrap_interval_brackets_the_mean_and_ignores_nan():
     rng = np.random.default_rng(0)
     per = rng.normal(0.5, 0.1, size=(400, 2)).astype(np.float32)
@@ -173,3 +229,5 @@ def test_bad_input_is_named(tasklm):
         head_scores(tasklm, {"input_ids": torch.full((1, 500), 5)})
     with pytest.raises(WorkbenchError, match="layer"):
         head_scores(tasklm, ["a b c"], layers=[7])
+    with pytest.raises(WorkbenchError, match="convention 'tl'.*transformer_lens"):
+        head_scores(tasklm, ["a b c"], convention="tl")

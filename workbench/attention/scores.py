@@ -18,6 +18,9 @@ probabilities (and stops after the last layer), scores every kind at once, and r
 the mean over prompts with a percentile bootstrap 95% interval, beside the same score on
 a control: each prompt's own tokens in a random order (special tokens kept in place), so
 lengths, vocabulary and repeats match while order carries nothing.
+
+``convention="transformer_lens"`` scores as TransformerLens' ``detect_head`` does (see
+``head_scores`` for the exact relation between the two).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from workbench.results import Result, provenance, register
 
 KINDS = ("previous_token", "duplicate", "induction", "bos", "self")
 CAUSAL_ONLY = ("induction",)
+CONVENTIONS = ("workbench", "transformer_lens")
 PatternFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -57,8 +61,11 @@ class HeadScores(Result):
 
 
 def target_masks(ids: torch.Tensor, mask: torch.Tensor, kinds: Sequence[str], pattern: PatternFn | torch.Tensor | None = None,
-                 ) -> dict[str, torch.Tensor]:
-    """Target weights [batch, query, key] per kind for right-padded ``ids`` / ``mask``."""
+                 *, convention: str = "workbench") -> dict[str, torch.Tensor]:
+    """Target weights [batch, query, key] per kind for right-padded ``ids`` / ``mask``.
+
+    With ``convention="transformer_lens"`` the induction target also holds the query
+    itself where the token before it is the same token (as ``detect_head``'s does)."""
     b, p = ids.shape
     valid = mask.bool()
     pair = valid[:, :, None] & valid[:, None, :]
@@ -76,7 +83,8 @@ def target_masks(ids: torch.Tensor, mask: torch.Tensor, kinds: Sequence[str], pa
             t = (ids[:, :, None] == ids[:, None, :]) & (ki < qi)
         elif kind == "induction":
             prev = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :-1]], dim=1)  # token before each key
-            t = (ids[:, :, None] == prev[:, None, :]) & (ki >= 1) & (ki < qi)
+            upto = (ki <= qi) if convention == "transformer_lens" else (ki < qi)
+            t = (ids[:, :, None] == prev[:, None, :]) & (ki >= 1) & upto
         elif kind == "pattern":
             t = _user_targets(ids, mask, pattern)
         else:
@@ -101,10 +109,19 @@ def _user_targets(ids: torch.Tensor, mask: torch.Tensor, pattern) -> torch.Tenso
     return out
 
 
-def score_patterns(attn: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+def score_patterns(attn: torch.Tensor, targets: dict[str, torch.Tensor], *, mask: torch.Tensor | None = None,
+                   convention: str = "workbench") -> torch.Tensor:
     """Per-prompt scores [batch, kind, head] of one layer's pattern ``attn`` [batch, head, q, k]:
-    the attention mass on the targets, averaged over the queries that have one (NaN if none)."""
+    the attention mass on the targets, averaged over the queries that have one (NaN if none).
+
+    ``convention="transformer_lens"``: the mass on the targets divided by the head's whole
+    attention over the real (``mask``, default all) queries and keys, as ``detect_head``'s
+    ``"mul"`` measure does; that is a mean over every query, 0 where none has a target."""
     attn = attn.float()
+    if convention == "transformer_lens":
+        valid = torch.ones(attn.shape[0], attn.shape[-1], device=attn.device) if mask is None else mask.float()
+        total = torch.einsum("bhqk,bqk->bh", attn, valid[:, :, None] * valid[:, None, :])
+        return torch.stack([torch.einsum("bhqk,bqk->bh", attn, t) / total for t in targets.values()], dim=1)
     rows = []
     for t in targets.values():
         has = (t.sum(-1) > 0).float()  # [b, q]
@@ -156,13 +173,48 @@ def head_scores(
     seed: int = 0,
     batch_size: int | None = None,
     max_bytes: int = DEFAULT_BUDGET_BYTES,
+    convention: str = "workbench",
 ) -> HeadScores:
     """Score every head of ``layers`` (default all) for each of ``kinds`` on ``prompts``.
 
     ``prompts``: strings, or token ids as a LongTensor / dict with ``input_ids`` and
     ``attention_mask`` (right padding). Returns a :class:`HeadScores` whose
     ``to_frame()`` has columns kind, layer, head, score, ci_low, ci_high, control.
+
+    Relation to TransformerLens' ``detect_head`` (3.x, its defaults ``error_measure="mul"``,
+    ``exclude_bos=False``, ``exclude_current_token=False``), on the same token ids
+    (``detect_head`` tokenizes with ``model.to_tokens``, which prepends BOS). For one
+    prompt of n tokens, with ``A`` one head's pattern and ``m_q`` query q's attention on
+    its targets, ``detect_head`` gives ``D = sum_q m_q / n`` (its "mul" divides by the
+    pattern's sum, which is n), a mean over *every* query row; the default convention
+    gives ``W = sum_{q in Q} m_q / |Q|``, a mean over the queries Q that have a target.
+    Hence per prompt:
+
+    - ``previous_token`` equals ``previous_token_head``'s D times n/(n-1) (query 0 has
+      no previous token);
+    - ``duplicate`` equals ``duplicate_token_head``'s D times n/|Q|, Q the positions
+      whose token occurred earlier (after BOS, L distinct tokens repeated once: n = 2L+1,
+      |Q| = L, so about 2x);
+    - ``induction`` equals ``induction_head``'s D times n/|Q|, Q the positions whose
+      token occurred at least two positions earlier, when no two adjacent tokens are
+      equal. ``detect_head``'s induction target also counts the query itself where the
+      token before it is the same token (the diagonal of its shifted duplicate pattern);
+      ours never does, so in general ``W |Q| / n = D - sum_{q: t_q = t_(q-1)} A[q, q] / n``;
+    - ``bos``, ``self`` and ``pattern`` equal ``detect_head`` with that 0/1 target as its
+      ``detection_pattern`` tensor times n/(n-1), 1 and n/|Q| respectively.
+
+    Over prompts ``detect_head`` averages D with every prompt counting (0 where none of
+    its queries has a target); ours averages W over the prompts that have a target (NaN
+    per prompt otherwise). So the means differ by the factor above exactly when it is the
+    same for every prompt (equal n and |Q| > 0, as in ``repeated_sequences``).
+
+    ``convention="transformer_lens"`` computes D instead (its induction target, divided by
+    the prompt's total attention over its real tokens, 0 for a prompt without targets):
+    ``score`` then equals ``detect_head``'s mean up to float rounding, and ``per_prompt``
+    its score of each prompt alone.
     """
+    if convention not in CONVENTIONS:
+        raise one_of("convention", convention, CONVENTIONS)
     kinds = [str(k) for k in kinds]
     if not kinds:
         raise WorkbenchError(f"no score kinds given; accepted: {', '.join(KINDS + ('pattern',))}")
@@ -191,10 +243,11 @@ def head_scores(
             sl = slice(start, start + bs)
             ids, mask = ids_all[sl], full.attention_mask[sl]
             batch = subject.as_batch({"input_ids": ids, "attention_mask": mask, **{k: v[sl] for k, v in full.extra.items()}})
-            targets = target_masks(batch.input_ids, batch.attention_mask, kinds, pattern)
+            targets = target_masks(batch.input_ids, batch.attention_mask, kinds, pattern, convention=convention)
             acts = subject.cache(batch, sites)
             for li, s in enumerate(sites):
-                per[sl, :, li] = score_patterns(acts[s], targets).cpu().numpy()
+                per[sl, :, li] = score_patterns(acts[s], targets, mask=batch.attention_mask,
+                                                convention=convention).cpu().numpy()
         return per
 
     per = run(full.input_ids)
@@ -206,7 +259,7 @@ def head_scores(
         ctrl = bootstrap_mean(ctrl_per, 0, seed)[0]
     n_valid = (~np.isnan(per)).sum(0).astype(np.int64)
     params = {"kinds": kinds, "layers": layers, "n_boot": n_boot, "control": control, "seed": seed,
-              "n_prompts": n, "user_pattern": pattern is not None}
+              "n_prompts": n, "user_pattern": pattern is not None, "convention": convention}
     dims = {"kind": kinds, "layer": layers, "head": list(range(subject.n_heads)), "prompt": list(range(n))}
     kh = ("kind", "layer", "head")
     return HeadScores(
