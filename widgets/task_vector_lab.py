@@ -150,6 +150,8 @@ class TaskVectorLab(W.VBox):
 
     @traitlets.validate("method")
     def _valid_method(self, proposal):
+        if self.ev is None and proposal["value"] != self.merge.attrs.get("method"):
+            raise traitlets.TraitError(f"the saved merge is {self.merge.attrs.get('method')!r}; {NO_EVALUATOR}")
         return member(proposal, list(METHODS), "merge method")
 
     @traitlets.validate("task")

@@ -113,6 +113,8 @@ def test_built_from_saved_results_draws_the_same(lab, tasklm, tmp_path):
     # re-merging needs the evaluator: the controls are off and say why
     assert all(s.disabled and "from_evaluator" in s.tooltip for s in offline.sliders.values())
     assert offline.method_select.disabled and "re-merging needs a model" in offline.weight_reason.value
+    with pytest.raises(Exception, match="re-merging needs a model"):
+        offline.method = "ties" if offline.method != "ties" else "dare"
     # a head click still moves the selection; a head set with no saved sweep says why it shows none
     heat = offline.heatmap.data[0]
 
