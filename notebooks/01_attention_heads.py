@@ -201,9 +201,23 @@ HTML(f"prediction <b>{ig.attrs['target']}</b>" + tokens_html(ig.attrs["tokens"],
 # %%
 explore_prompts = [lm.tokenizer.decode(ids[1:]) for ids in rep["input_ids"][:3]] + [
     "hot -> cold ; big -> small ; tall ->", "the keys near the cabinet are"]
-explorer = AttentionExplorer(lm, explore_prompts, n_random=10)
-explorer.kind.value = "induction"
+explorer = AttentionExplorer.from_subject(lm, explore_prompts, n_random=10)
+explorer.kind = "induction"  # the selection is traits: set it here, or link it to another widget
 explorer
+
+# %% [markdown]
+# The explorer is a view over two results. Saved and loaded back, they rebuild it without
+# the model; "ablate" and "attribute" are then off, and say why.
+
+# %%
+import os
+import tempfile
+
+folder = tempfile.mkdtemp()
+saved = {name: workbench.Result.load(getattr(explorer, name).save(os.path.join(folder, f"{name}.safetensors")))
+         for name in ("scores", "patterns")}
+offline = AttentionExplorer(saved["scores"], saved["patterns"], kind="induction", layer=ind_head[0], head=ind_head[1])
+offline
 
 # %% [markdown]
 # ## 8. A real pretrained encoder: MiniLM's 72 heads
@@ -295,4 +309,7 @@ i = probes.coord("component").index(f"L{ind_head[0]}H{ind_head[1]}")
 assert probes["accuracy"][i] > 0.9 and probes["selectivity"][i] > 0.3
 assert positional.sum() >= 3 and special_heads.sum() >= 10 and content.sum() >= 3, "MiniLM has all three kinds"
 assert mini_probe["accuracy"].max() > 0.9 > mini_probe.attrs["majority"] + 0.3
+# the explorer rebuilt from saved results draws the same grid, with the model's actions off
+assert np.array_equal(np.asarray(offline.grid.data[0].z), np.asarray(explorer.grid.data[0].z), equal_nan=True)
+assert offline.ablate_button.disabled and not explorer.ablate_button.disabled
 print("all attention-head checks passed")

@@ -184,7 +184,7 @@ print(f"rank correlation of task relatedness, weights vs activations: {rank_corr
 # head in the indirect-effect map to add or remove it from the function vector.
 
 # %%
-lab = TaskVectorLab(ev, {t: fvs[t] for t in ("capitalize", "first_letter")}, diagnostics=diag)
+lab = TaskVectorLab.from_evaluator(ev, {t: fvs[t] for t in ("capitalize", "first_letter")}, diagnostics=diag)
 lab
 
 # %% [markdown]

@@ -214,7 +214,7 @@ print(f"ablating {top_feats}: logit diff {shift['before'].mean():.2f} -> {shift[
 # checks the nodes on screen.
 
 # %%
-explorer = CircuitExplorer(lm, saes, graph, clean, metric, texts=eval_texts, means=means)
+explorer = CircuitExplorer(graph, subject=lm, saes=saes, clean=clean, metric=metric, texts=eval_texts, means=means)
 explorer.select(f"attn_out.1/{plural_f}")
 explorer
 

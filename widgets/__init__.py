@@ -1,16 +1,20 @@
-"""interp-workbench UI layer: figure builders (pure functions of results) and live widgets."""
+"""interp-workbench UI layer: figure builders (pure functions of results, in
+:mod:`widgets.figures`) and widgets that are views over results, live when given a model."""
 
 from widgets.attention_explorer import AttentionExplorer
 from widgets.attention_view import AttentionView
-from widgets.circuit_explorer import (
-    CircuitExplorer, FeatureDashboard, activation_histogram, circuit_figure, contexts_html, logit_effect_bars,
-)
+from widgets.circuit_explorer import CircuitExplorer, FeatureDashboard
+from widgets.common import TokenStrip
 from widgets.conflict_monitor import ConflictMonitor
-from widgets.figures import ablation_bars, pattern_heatmap, score_grid, tokens_html
-from widgets.task_vector_lab import TaskVectorLab, cosine_heatmap, ie_heatmap, merge_bars
+from widgets.figures import (
+    ablation_bars, activation_histogram, circuit_figure, contexts_html, cosine_heatmap, ie_heatmap, logit_effect_bars,
+    merge_bars, metric_bars, pattern_heatmap, score_grid, sweep_figure, tokens_html,
+)
+from widgets.task_vector_lab import TaskVectorLab
 
 __all__ = [
-    "AttentionExplorer", "AttentionView", "CircuitExplorer", "FeatureDashboard", "activation_histogram",
-    "circuit_figure", "contexts_html", "logit_effect_bars", "ConflictMonitor", "TaskVectorLab", "ablation_bars", "cosine_heatmap",
-    "ie_heatmap", "merge_bars", "pattern_heatmap", "score_grid", "tokens_html",
+    "AttentionExplorer", "AttentionView", "CircuitExplorer", "ConflictMonitor", "FeatureDashboard", "TaskVectorLab",
+    "TokenStrip", "ablation_bars", "activation_histogram", "circuit_figure", "contexts_html", "cosine_heatmap",
+    "ie_heatmap", "logit_effect_bars", "merge_bars", "metric_bars", "pattern_heatmap", "score_grid", "sweep_figure",
+    "tokens_html",
 ]

@@ -1,156 +1,199 @@
 """TaskVectorLab: merge task vectors with live per-task accuracy, and build function vectors
 head by head.
 
+A view of results (saved or fresh): a ``MergeAccuracy`` (and the fine-tuned reference),
+the ``TaskVectorDiagnostics`` of the task vectors, ``FunctionVector`` results and
+``LayerSweep`` results. Built with :meth:`TaskVectorLab.from_evaluator`, its controls
+recompute them live.
+
 Weight side: one coefficient slider per task vector, a method selector with its
-parameters (lam, TIES density, DARE p and seed); every move re-merges and re-scores
-through a cached :class:`~workbench.taskvec.finetune.MergeEvaluator` and updates the
-per-task accuracy bars in place. The cosine heatmap of the task vectors sits beside.
+parameters (lam, TIES density, DARE p and seed); with a
+:class:`~workbench.taskvec.finetune.MergeEvaluator`, every move re-merges and re-scores
+(:func:`~workbench.taskvec.accuracy.merge_accuracy`) and updates the per-task accuracy
+bars in place; without one the controls show the saved merge and say why they are off.
+The cosine heatmap of the task vectors sits beside.
 
 Activation side: for the chosen task, the heads' indirect-effect heatmap (click a head to
 add it to or remove it from the function vector; selected heads are marked), a top-k
-slider that selects the k strongest heads, and the layer sweep: zero-shot accuracy with
-the vector added at each layer, against the unpatched baseline.
+slider that selects the k strongest heads, and the layer sweep
+(:func:`~workbench.taskvec.accuracy.layer_sweep`): zero-shot accuracy with the vector
+added at each layer, against the unpatched baseline. Without a model the sweep of a head
+set is shown when a saved one matches it.
+
+The selection is held in traits (``task``, ``heads``, ``top_k``, ``method``).
 """
 
 from __future__ import annotations
 
 import html
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import ipywidgets as W
-import numpy as np
 import plotly.graph_objects as go
+import traitlets
 
-from workbench.taskvec.weights import METHODS, TaskVector, diagnose
+from widgets.common import member, needs, reason_html, update_in_place
+from widgets.figures.taskvec import cosine_heatmap, ie_heatmap, merge_bars, sweep_figure
+from workbench.taskvec.weights import METHODS
 
-
-def merge_bars(tasks, merged, finetuned=None, title="merged model: zero-shot accuracy per task") -> go.Figure:
-    """Per-task accuracy bars of a merge (and of each fine-tuned model, when given)."""
-    labels = [html.escape(t) for t in tasks]
-    data = [go.Bar(x=labels, y=list(merged), name="merged", marker_color="#1f77b4")]
-    if finetuned is not None:
-        data.append(go.Bar(x=labels, y=list(finetuned), name="fine-tuned", marker_color="#c7c7c7"))
-    fig = go.Figure(data)
-    fig.update_layout(title=title, yaxis_range=[0, 1.05], barmode="group", height=340,
-                      margin=dict(l=10, r=10, t=40, b=10), yaxis_title="accuracy")
-    return fig
-
-
-def cosine_heatmap(diag) -> go.Figure:
-    """Whole-model cosine between task vectors (a TaskVectorDiagnostics result)."""
-    names = [html.escape(t) for t in diag.coord("task")]
-    fig = go.Figure(go.Heatmap(z=diag["cosine"], x=names, y=names, zmin=-1, zmax=1, colorscale="RdBu",
-                               hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_layout(title="task-vector cosine", height=340, margin=dict(l=10, r=10, t=40, b=10),
-                      yaxis_autorange="reversed")
-    return fig
-
-
-def ie_heatmap(fv, selected=()) -> go.Figure:
-    """Indirect effect of each head [layer, head], selected heads marked."""
-    ie = fv["indirect_effect"]
-    lim = float(np.abs(ie).max()) or 1.0
-    fig = go.Figure([
-        go.Heatmap(z=ie, x=fv.coord("head"), y=fv.coord("layer"), zmin=-lim, zmax=lim, colorscale="RdBu",
-                   hovertemplate="L%{y}H%{x}: %{z:.4f}<extra></extra>"),
-        go.Scatter(x=[h for _, h in selected], y=[l for l, _ in selected], mode="markers",
-                   marker=dict(symbol="x", size=14, color="black"), name="in vector", hoverinfo="skip"),
-    ])
-    fig.update_layout(title=f"indirect effect per head ({html.escape(fv.task)})", xaxis_title="head",
-                      yaxis_title="layer", height=340, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
-    return fig
+NO_EVALUATOR = "re-merging needs a model: build the lab with TaskVectorLab.from_evaluator(evaluator, ...)"
+NO_SUBJECT = "sweeping a new head set needs a model: pass subject= (or build the lab from an evaluator)"
 
 
 class TaskVectorLab(W.VBox):
-    """Live task-vector lab. ``evaluator``: a MergeEvaluator; ``fvs``: {task: FunctionVector}
-    (optional; enables the activation side)."""
+    """Live task-vector lab over ``merge`` (a MergeAccuracy) and ``diagnostics`` (a
+    TaskVectorDiagnostics, optional). ``finetuned``: the fine-tuned reference (a
+    MergeAccuracy of method "finetuned"); ``fvs``: {task: FunctionVector} (enables the
+    activation side); ``sweeps``: saved LayerSweep results; ``evaluator``: a
+    MergeEvaluator, for live re-merging; ``subject``: for live layer sweeps (default:
+    the evaluator's)."""
 
-    def __init__(self, evaluator, fvs: Mapping[str, object] | None = None, *, diagnostics=None,
-                 coefficient: float = 0.3, n_sweep: int = 64) -> None:
-        self.ev = evaluator
+    task = traitlets.Unicode(help="the task of the function vector shown")
+    heads = traitlets.List(help="the (layer, head) pairs in the function vector")
+    top_k = traitlets.Int(2, help="the top-k slider: setting it selects the k heads of largest indirect effect")
+    method = traitlets.Unicode(help="the merge method")
+
+    def __init__(self, merge, diagnostics=None, *, finetuned=None, fvs: Mapping[str, object] | None = None,
+                 sweeps: Sequence = (), evaluator=None, subject=None, n_sweep: int = 64, top_k: int = 2) -> None:
+        self.ev, self.merge, self.finetuned, self.diagnostics = evaluator, merge, finetuned, diagnostics
+        self.subject = subject if subject is not None else getattr(evaluator, "subject", None)
         self.fvs = dict(fvs or {})
-        names = evaluator.names
-        self.sliders = {n: W.FloatSlider(value=coefficient, min=-1.5, max=1.5, step=0.05, description=n[:14],
-                                         continuous_update=False) for n in names}
-        self.method = W.Dropdown(options=list(METHODS), value="task_arithmetic", description="method")
-        self.lam = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="lam", continuous_update=False)
-        self.density = W.FloatSlider(value=0.2, min=0.01, max=1.0, step=0.01, description="density",
-                                     continuous_update=False)
-        self.p = W.FloatSlider(value=0.5, min=0.0, max=0.95, step=0.05, description="DARE p", continuous_update=False)
-        self.seed = W.IntText(value=0, description="seed")
-        self.status = W.HTML()
-        self.finetuned = {n: evaluator.single(n)[n] if n in evaluator.tasks else None for n in names}
-        ft = [self.finetuned.get(t) for t in evaluator.tasks]
-        self.bars = go.FigureWidget(merge_bars(evaluator.tasks, [0.0] * len(evaluator.tasks),
-                                               ft if all(v is not None for v in ft) else None))
-        if diagnostics is None:
-            tvs = [TaskVector.from_deltas(evaluator.dense[n], name=n) for n in names]
-            diagnostics = diagnose(tvs, names=names, densities=(0.2,))
-        self.diagnostics = diagnostics
-        self.cosine = go.FigureWidget(cosine_heatmap(diagnostics))
+        self.n_sweep = n_sweep
         self.last_update_s = 0.0
-        for w in [*self.sliders.values(), self.method, self.lam, self.density, self.p, self.seed]:
-            w.observe(self._remerge, names="value")
+        a = merge.attrs
+        names = a.get("task_vectors", [])
+        weights = a.get("weights", [0.0] * len(names))
+        self.sliders = {n: W.FloatSlider(value=w, min=-1.5, max=1.5, step=0.05, description=n[:14],
+                                         continuous_update=False) for n, w in zip(names, weights)}
+        method = a.get("method", "task_arithmetic")
+        self.method_select = W.Dropdown(options=list(METHODS), description="method")
+        self.lam = W.FloatSlider(value=a.get("lam", 1.0), min=0.0, max=2.0, step=0.05, description="lam",
+                                 continuous_update=False)
+        self.density = W.FloatSlider(value=a["density"] if method == "ties" else 0.2, min=0.01, max=1.0, step=0.01,
+                                     description="density", continuous_update=False)
+        self.p = W.FloatSlider(value=a["p"] if method in ("dare", "dare_ties") else 0.5, min=0.0, max=0.95, step=0.05,
+                               description="DARE p", continuous_update=False)
+        self.seed = W.IntText(value=a.get("seed", 0), description="seed")
+        self.status = W.HTML()
+        self.bars = go.FigureWidget(merge_bars(merge, finetuned))
+        plots = [self.bars]
+        if diagnostics is not None:
+            self.cosine = go.FigureWidget(cosine_heatmap(diagnostics))
+            plots.append(self.cosine)
+        self.weight_reason = W.HTML(reason_html(None if evaluator is not None else NO_EVALUATOR))
         weight_side = W.VBox([
             W.HTML("<b>Weight space</b>: coefficients per task vector"),
             W.HBox([W.VBox(list(self.sliders.values())),
-                    W.VBox([self.method, self.lam, self.density, self.p, self.seed, self.status])]),
-            W.HBox([self.bars, self.cosine]),
+                    W.VBox([self.method_select, self.lam, self.density, self.p, self.seed, self.status])]),
+            self.weight_reason, W.HBox(plots),
         ])
         children = [weight_side]
+        self._sweeps: dict[tuple, object] = {}
+        for s in sweeps:
+            self._sweeps[(s.task, tuple(s.heads))] = s
+        self.sweep_result = None
         if self.fvs:
             tasks = list(self.fvs)
             first = self.fvs[tasks[0]]
             n_heads = len(first.coord("layer")) * len(first.coord("head"))
-            self.task = W.Dropdown(options=tasks, value=tasks[0], description="task")
-            self.topk = W.IntSlider(value=min(2, n_heads), min=0, max=n_heads, description="top k",
-                                    continuous_update=False)
+            saved = [s for s in sweeps if s.task == tasks[0]]
+            heads = saved[0].heads if saved and self.subject is None else first.top_heads(top_k)
+            self.task_select = W.Dropdown(options=tasks, description="task")
+            self.topk_slider = W.IntSlider(min=0, max=n_heads, description="top k", continuous_update=False)
             self.heads_label = W.HTML()
-            self.selected: list[tuple[int, int]] = list(first.top_heads(self.topk.value))
-            self.heatmap = go.FigureWidget(ie_heatmap(first, self.selected))
-            self.heatmap.data[0].on_click(self._on_head_click)
-            self.sweep = go.FigureWidget(go.Figure([
-                go.Bar(x=[], y=[], name="with vector", marker_color="#2ca02c"),
-                go.Scatter(x=[], y=[], mode="lines", name="zero-shot", line=dict(dash="dash", color="black")),
-            ]))
-            self.sweep.update_layout(title="layer sweep", xaxis_title="layer (vector added to resid_pre)",
-                                     yaxis_title="accuracy", yaxis_range=[0, 1.05], height=340,
-                                     margin=dict(l=10, r=10, t=40, b=10))
-            self._batches = {}
-            self.n_sweep = n_sweep
-            self.task.observe(self._new_task, names="value")
-            self.topk.observe(self._topk, names="value")
+            self.heatmap = go.FigureWidget(ie_heatmap(first, heads))
+            self.sweep = go.FigureWidget(sweep_figure())
+            self.sweep_reason = W.HTML()
             children.append(W.VBox([
                 W.HTML("<b>Activation space</b>: function vector from selected heads (click a head to toggle it)"),
-                W.HBox([self.task, self.topk]), self.heads_label, W.HBox([self.heatmap, self.sweep]),
+                W.HBox([self.task_select, self.topk_slider]), self.heads_label, W.HBox([self.heatmap, self.sweep]),
+                self.sweep_reason,
             ]))
+            super().__init__(children, method=method, task=tasks[0], top_k=min(top_k, n_heads), heads=heads)
+            W.link((self, "task"), (self.task_select, "value"))
+            W.link((self, "top_k"), (self.topk_slider, "value"))
+            self.heatmap.data[0].on_click(self._on_head_click)
+            self.observe(self._new_task, names="task")
+            self.observe(self._topk, names="top_k")
+            self.observe(lambda _c: self._resweep(), names="heads")
             self._resweep()
-        super().__init__(children)
-        self._remerge()
+        else:
+            super().__init__(children, method=method)
+        W.link((self, "method"), (self.method_select, "value"))
+        self._enable_params()
+        if evaluator is None:
+            for w in [*self.sliders.values(), self.method_select, self.lam, self.density, self.p, self.seed]:
+                w.disabled = True
+                w.tooltip = NO_EVALUATOR
+        else:
+            for w in [*self.sliders.values(), self.lam, self.density, self.p, self.seed]:
+                w.observe(self._remerge, names="value")
+            self.observe(self._remerge, names="method")
+
+    @classmethod
+    def from_evaluator(cls, evaluator, fvs: Mapping[str, object] | None = None, *, diagnostics=None,
+                       coefficient: float = 0.3, **kwargs) -> "TaskVectorLab":
+        """A live lab: the merge with every coefficient at ``coefficient``, each task's
+        fine-tuned accuracy and (unless given) the task vectors' diagnostics, all computed
+        with ``evaluator``."""
+        from workbench.taskvec.accuracy import finetuned_accuracy, merge_accuracy
+        from workbench.taskvec.weights import TaskVector, diagnose
+
+        merge = merge_accuracy(evaluator, "task_arithmetic", [coefficient] * len(evaluator.names))
+        if diagnostics is None:
+            tvs = [TaskVector.from_deltas(evaluator.dense[n], name=n) for n in evaluator.names]
+            diagnostics = diagnose(tvs, names=evaluator.names, densities=(0.2,))
+        return cls(merge, diagnostics, finetuned=finetuned_accuracy(evaluator), fvs=fvs, evaluator=evaluator, **kwargs)
+
+    # -------------------------------------------------------------- traits
+
+    @traitlets.validate("method")
+    def _valid_method(self, proposal):
+        if self.ev is None and proposal["value"] != self.merge.attrs.get("method"):
+            raise traitlets.TraitError(f"the saved merge is {self.merge.attrs.get('method')!r}; {NO_EVALUATOR}")
+        return member(proposal, list(METHODS), "merge method")
+
+    @traitlets.validate("task")
+    def _valid_task(self, proposal):
+        return member(proposal, list(self.fvs), "task")
+
+    @traitlets.validate("heads")
+    def _valid_heads(self, proposal):
+        fv = self.fvs[self.task] if self.task else next(iter(self.fvs.values()))
+        layers, hs = fv.coord("layer"), fv.coord("head")
+        out = []
+        for pair in proposal["value"]:
+            l, h = (int(x) for x in pair)
+            if l not in layers or h not in hs:
+                raise traitlets.TraitError(f"no head L{l}H{h}: layers {layers}, heads {hs}")
+            out.append((l, h))
+        return out
 
     # -------------------------------------------------------------- weight side
 
     def coefficients(self) -> list[float]:
-        return [self.sliders[n].value for n in self.ev.names]
+        return [s.value for s in self.sliders.values()]
+
+    def _enable_params(self) -> None:
+        if self.ev is None:
+            return
+        self.density.disabled = self.method != "ties"
+        self.p.disabled = self.seed.disabled = self.method not in ("dare", "dare_ties")
 
     def current_accuracy(self) -> dict[str, float]:
-        kw = dict(lam=self.lam.value)
-        if self.method.value == "ties":
-            kw["density"] = self.density.value
-        if self.method.value in ("dare", "dare_ties"):
-            kw.update(p=self.p.value, seed=int(self.seed.value))
-        return self.ev.accuracy(self.method.value, self.coefficients(), **kw)
+        return self.merge.as_dict()
 
     def _remerge(self, _change=None) -> None:
+        from workbench.taskvec.accuracy import merge_accuracy
+
         start = time.perf_counter()
-        self.density.disabled = self.method.value != "ties"
-        self.p.disabled = self.seed.disabled = self.method.value not in ("dare", "dare_ties")
-        acc = self.current_accuracy()
-        with self.bars.batch_update():
-            self.bars.data[0].y = [acc[t] for t in self.ev.tasks]
-            self.bars.layout.title.text = (f"{self.method.value} merge: mean zero-shot accuracy "
-                                           f"{np.mean(list(acc.values())):.2f}")
+        self._enable_params()
+        dare = self.method in ("dare", "dare_ties")
+        self.merge = merge_accuracy(self.ev, self.method, self.coefficients(), lam=self.lam.value,
+                                    density=self.density.value if self.method == "ties" else 1.0,
+                                    p=self.p.value if dare else 0.0, seed=int(self.seed.value) if dare else 0)
+        update_in_place(self.bars, merge_bars(self.merge, self.finetuned))
         self.last_update_s = time.perf_counter() - start
         self.status.value = f"<small>re-merged and scored in {self.last_update_s * 1000:.0f} ms</small>"
 
@@ -158,60 +201,43 @@ class TaskVectorLab(W.VBox):
 
     @property
     def fv(self):
-        return self.fvs[self.task.value]
+        return self.fvs[self.task]
 
-    def _zero_shot(self):
-        from workbench.taskvec.activations import zero_shot_batch
+    def layer_sweep(self):
+        """The ``LayerSweep`` of the selected heads: computed with the subject, else a saved
+        one of the same task and head set (None when there is none)."""
+        key = (self.task, tuple(self.heads))
+        if key not in self._sweeps:
+            if self.subject is not None:
+                from workbench.taskvec.accuracy import layer_sweep
 
-        t = self.task.value
-        if t not in self._batches:
-            self._batches[t] = zero_shot_batch(self.ev.subject, t, self.n_sweep)
-        return self._batches[t]
-
-    def layer_accuracy(self) -> tuple[list[float], float]:
-        """Accuracy with the selected heads' vector added at each layer, and the baseline."""
-        import torch
-
-        from workbench.taskvec.activations import add_vector_accuracy
-
-        b, answers = self._zero_shot()
-        subject = self.ev.subject
-        vec = self.fv.vector(heads=self.selected) if self.selected else torch.zeros(subject.d_model)
-        base = add_vector_accuracy(subject, b, answers, torch.zeros(subject.d_model), 0)
-        return [add_vector_accuracy(subject, b, answers, vec, l) for l in range(subject.n_layers)], base
+                self._sweeps[key] = layer_sweep(self.subject, self.fv, self.heads, n=self.n_sweep)
+            else:
+                same = [s for (t, hs), s in self._sweeps.items() if t == self.task and set(hs) == set(self.heads)]
+                return same[0] if same else None
+        return self._sweeps[key]
 
     def _resweep(self) -> None:
-        acc, base = self.layer_accuracy()
-        layers = list(range(len(acc)))
-        with self.heatmap.batch_update():
-            self.heatmap.data[1].x = [h for _, h in self.selected]
-            self.heatmap.data[1].y = [l for l, _ in self.selected]
-        with self.sweep.batch_update():
-            self.sweep.data[0].x = layers
-            self.sweep.data[0].y = acc
-            self.sweep.data[1].x = [-0.5, len(layers) - 0.5]
-            self.sweep.data[1].y = [base, base]
-            self.sweep.layout.title.text = f"layer sweep: {len(self.selected)} heads ({html.escape(self.task.value)})"
-        self.heads_label.value = "heads in vector: " + (", ".join(f"L{l}H{h}" for l, h in self.selected) or "none")
+        update_in_place(self.heatmap, ie_heatmap(self.fv, self.heads))
+        self.sweep_result = self.layer_sweep()
+        note = "" if self.sweep_result is not None else f"no saved layer sweep of these heads; {NO_SUBJECT}"
+        update_in_place(self.sweep, sweep_figure(self.sweep_result, note=html.escape(note)))
+        self.sweep_reason.value = reason_html(note or None)
+        self.heads_label.value = "heads in vector: " + (", ".join(f"L{l}H{h}" for l, h in self.heads) or "none")
 
     def toggle_head(self, layer: int, head: int) -> None:
         key = (int(layer), int(head))
-        self.selected = [x for x in self.selected if x != key] if key in self.selected else self.selected + [key]
-        self._resweep()
+        self.heads = [x for x in self.heads if x != key] if key in self.heads else [*self.heads, key]
 
     def _on_head_click(self, trace, points, state) -> None:
         if points.xs:
             self.toggle_head(points.ys[0], points.xs[0])
 
     def _topk(self, _change=None) -> None:
-        self.selected = list(self.fv.top_heads(self.topk.value))
-        self._resweep()
+        heads = list(self.fv.top_heads(self.top_k))
+        if heads == self.heads:
+            self._resweep()
+        self.heads = heads
 
     def _new_task(self, _change=None) -> None:
-        fv = self.fv
-        with self.heatmap.batch_update():
-            self.heatmap.data[0].z = fv["indirect_effect"]
-            lim = float(np.abs(fv["indirect_effect"]).max()) or 1.0
-            self.heatmap.data[0].zmin, self.heatmap.data[0].zmax = -lim, lim
-            self.heatmap.layout.title.text = f"indirect effect per head ({html.escape(fv.task)})"
         self._topk()

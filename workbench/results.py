@@ -180,7 +180,8 @@ class Result:
         from safetensors.numpy import save_file
 
         path = os.fspath(path)
-        tensors = {n: np.ascontiguousarray(a) for n, (_, a) in self.data.items()}
+        # ascontiguousarray makes 0-d arrays 1-d: keep each variable's shape
+        tensors = {n: np.ascontiguousarray(a).reshape(a.shape) for n, (_, a) in self.data.items()}
         for n, a in tensors.items():
             if a.dtype == object or a.dtype.kind in "USO":
                 raise WorkbenchError(f"variable {n!r} has dtype {a.dtype}; only numeric and bool arrays can be saved")

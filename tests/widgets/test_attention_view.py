@@ -1,12 +1,17 @@
-"""AttentionView headless: traits, in-place figure updates, clicks, escaped token text."""
+"""AttentionView headless: traits (linked both ways to the selectors and to other
+widgets), in-place figure updates, clicks, a view rebuilt from a saved result, escaped
+token text."""
 
 from __future__ import annotations
 
+import ipywidgets as W
 import numpy as np
 import pytest
 
+from tests.widgets.compare import assert_same_figure
 from widgets import AttentionView, pattern_heatmap, tokens_html
 from workbench.attention import attention_patterns
+from workbench.results import Result
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -32,19 +37,49 @@ def test_figure_builder_is_pure(patterns):
     assert fig.layout.title.text == "L1H2 attention, prompt 0"
 
 
-def test_selectors_update_the_figure_in_place(patterns):
+def test_selectors_update_the_traits_and_the_figure_in_place(patterns):
     view = AttentionView(patterns)
     fig_id = id(view.figure)
     heat = view.figure.data[0]
-    view.layer.value = 1
-    view.head.value = 3
+    view.layer_select.value = 1
+    view.head_select.value = 3
+    assert (view.layer, view.head) == (1, 3)
     assert id(view.figure) == fig_id and view.figure.data[0] is heat
     assert np.array_equal(np.asarray(view.figure.data[0].z), patterns.pattern(0, 1, 3))
     assert view.figure.layout.title.text == "L1H3 attention, prompt 0"
-    view.prompt.value = 1
+    view.prompt_select.value = 1
+    assert view.prompt == 1
     assert np.asarray(view.figure.data[0].z).shape == (7, 7)
-    assert view.query.max == 6 and view.query.value == 6
+    assert view.query_slider.max == 6 and view.query_slider.value == 6 and view.query == 6
     assert len(view.figure.data[0].x) == 7
+
+
+def test_traits_set_the_selectors_and_link_views(patterns):
+    a, b = AttentionView(patterns), AttentionView(patterns)
+    a.head = 2
+    assert a.head_select.value == 2 and a.figure.layout.title.text == "L0H2 attention, prompt 0"
+    link = W.link((a, "head"), (b, "head"))
+    assert b.head == 2
+    b.head_select.value = 1  # a click on b's selector moves a
+    assert a.head == 1 and np.array_equal(np.asarray(a.figure.data[0].z), patterns.pattern(0, 0, 1))
+    link.unlink()
+    seen = []
+    a.observe(lambda c: seen.append(c["new"]), names="query")
+    a.query = 2
+    assert seen == [2] and a.query_slider.value == 2 and a.tokens.selected == 2
+    with pytest.raises(Exception, match="layer 7 is not shown"):
+        a.layer = 7
+    with pytest.raises(Exception, match="query"):
+        a.query = 99
+
+
+def test_view_from_a_saved_result_draws_the_same(patterns, tmp_path):
+    again = Result.load(patterns.save(tmp_path / "patterns.safetensors"))
+    live, saved = AttentionView(patterns, prompt=1, layer=1, head=2), AttentionView(again, prompt=1, layer=1, head=2)
+    assert_same_figure(saved.figure, live.figure)
+    assert saved.tokens.value == live.tokens.value
+    saved.query, live.query = 3, 3
+    assert saved.tokens.value == live.tokens.value
 
 
 def test_clicking_a_row_selects_that_query(patterns):
@@ -56,9 +91,9 @@ def test_clicking_a_row_selects_that_query(patterns):
         xs = [heat.x[1]]
 
     view._on_click(heat, Points(), None)
-    assert view.query.value == 3
+    assert view.query == 3 and view.query_slider.value == 3
     assert 'data-pos="3" title="3: ' in view.tokens.value and "outline" in view.tokens.value
-    weights = patterns.pattern(0, view.layer.value, view.head.value)[3]
+    weights = patterns.pattern(0, view.layer, view.head)[3]
     assert f'title="1: {weights[1]:.3f}"' in view.tokens.value
 
 

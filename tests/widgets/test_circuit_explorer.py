@@ -1,18 +1,25 @@
-"""CircuitExplorer and FeatureDashboard headless: the layered graph follows the thresholds
-in place, clicking a node opens its dashboard, ablate / steer / faithfulness show the
-same numbers as the library calls, and token text is escaped."""
+"""CircuitExplorer and FeatureDashboard headless: the layered graph follows the threshold
+traits in place, clicking a node sets the `node` trait and opens its dashboard, ablate /
+steer / faithfulness show the same numbers as the library calls, built from saved results
+they draw what the live ones draw (with the model's actions off, saying why), and token
+text is escaped."""
 
 from __future__ import annotations
 
 import copy
 
+import ipywidgets as W
 import numpy as np
 import pytest
 import torch
 
+from tests.widgets.compare import assert_same_figure
 from widgets import CircuitExplorer, FeatureDashboard, circuit_figure, contexts_html
 from workbench import WorkbenchError
-from workbench.circuits import SAE, ablate_features, ablated_metric, collect, feature_means, find_circuit, steer, train_sae
+from workbench.circuits import (
+    SAE, ablate_features, ablated_metric, collect, faithfulness, feature_means, find_circuit, steer, train_sae,
+)
+from workbench.results import Result
 from workbench.data import agreement_pairs, agreement_sentences
 from workbench.metrics import logit_diff
 
@@ -48,7 +55,7 @@ def setup(tasklm):
 @pytest.fixture
 def explorer(tasklm, setup):
     saes, graph, clean, metric, texts, means = setup
-    return CircuitExplorer(tasklm, saes, graph, clean, metric, texts=texts, means=means)
+    return CircuitExplorer(graph, subject=tasklm, saes=saes, clean=clean, metric=metric, texts=texts, means=means)
 
 
 def _shown_nodes(fig) -> list[int]:
@@ -80,19 +87,22 @@ def test_threshold_sliders_prune_in_place(explorer, setup):
     nodes_trace = explorer.figure.data[6]
     eff = np.abs(graph["effect"])
     t = float(np.sort(eff)[-4])  # keeps exactly the top 4 (no ties in float effects)
-    explorer.node_threshold.value = t
+    explorer.node_slider.value = t
+    assert explorer.node_threshold == explorer.node_slider.value
     assert explorer.figure.data[6] is nodes_trace
-    kept = sorted(int(i) for i in np.nonzero(eff >= explorer.node_threshold.value)[0])
+    kept = sorted(int(i) for i in np.nonzero(eff >= explorer.node_threshold)[0])
     assert sorted(_shown_nodes(explorer.figure)) == kept and 1 <= len(kept) <= 5
     assert explorer.figure.layout.title.text.startswith(f"circuit: {len(kept)} nodes")
     n_edges = len(explorer.shown()[1])
-    explorer.edge_threshold.value = float(np.sort(np.abs(graph["edge_weight"]))[-2])
+    explorer.edge_threshold = float(np.sort(np.abs(graph["edge_weight"]))[-2])  # the trait moves the slider
+    assert explorer.edge_slider.value == explorer.edge_threshold
     w = np.abs(graph["edge_weight"])
-    expected = [e for e in range(len(w)) if w[e] >= explorer.edge_threshold.value
+    expected = [e for e in range(len(w)) if w[e] >= explorer.edge_threshold
                 and graph["edge_src"][e] in kept and graph["edge_dst"][e] in kept]
     assert list(explorer.shown()[1]) == expected and len(expected) <= min(2, n_edges)
     assert sum(len(t.x) for t in explorer.figure.data[:6]) == 3 * len(explorer.shown()[1])
     circuit = explorer.circuit()
+    assert circuit == graph.circuit(explorer.node_threshold)
     assert sum(len(v) for v in circuit.values()) == len(kept)
 
 
@@ -102,10 +112,10 @@ def test_clicking_a_feature_opens_its_dashboard(explorer, setup):
     k = next(k for k, i in enumerate(order) if graph["feature"][i] >= 0)
     node = order[k]
     explorer._on_node(explorer.figure.data[6], _Points([k]), None)
-    assert explorer.selected == node
+    assert explorer.selected == node and explorer.node == graph.coord("node")[node]
     site, f = graph.sites[int(graph["site"][node])], int(graph["feature"][node])
     dash = explorer.dashboard
-    assert dash.feature == f and dash.summary.attrs["site"] == site
+    assert dash.feature == f and dash.site == site and dash.summary.attrs["site"] == site
     assert np.array_equal(np.asarray(dash.histogram.data[0].y), dash.summary["count"])
     assert list(explorer.figure.data[7].x) == [int(graph["site"][node])]  # the selection ring follows
     assert not explorer.ablate_button.disabled and not explorer.steer_button.disabled
@@ -116,6 +126,26 @@ def test_clicking_a_feature_opens_its_dashboard(explorer, setup):
     assert explorer.dashboard is dash and dash.histogram.data[0] is hist
     assert dash.feature == int(graph["feature"][order[k2]])
     assert np.array_equal(np.asarray(hist.y), dash.summary["count"])
+
+
+def test_node_trait_links_both_ways(explorer, setup):
+    _, graph, *_ = setup
+    names = [graph.coord("node")[i] for i in _shown_nodes(explorer.figure) if graph["feature"][i] >= 0][:2]
+    mirror = W.Text()
+    link = W.link((explorer, "node"), (mirror, "value"))
+    try:
+        explorer.select(names[0])
+        assert mirror.value == names[0]
+        mirror.value = names[1]  # another widget picks a node: the explorer follows
+        assert explorer.node == names[1] and explorer.dashboard.feature == int(names[1].split("/")[1])
+        ring = explorer.figure.data[7]
+        i = graph.coord("node").index(names[1])
+        assert list(ring.x) == [int(graph["site"][i])]
+        mirror.value = ""
+        assert explorer.selected is None and list(explorer.figure.data[7].x) == []
+        assert explorer.ablate_button.disabled and "select a feature node" in explorer.ablate_button.tooltip
+    finally:
+        link.unlink()
 
 
 def test_ablate_and_steer_match_the_library(explorer, tasklm, setup):
@@ -139,23 +169,25 @@ def graph_top(graph):
     return [(graph.coord("node")[i], graph["effect"][i]) for i in order]
 
 
-def test_faithfulness_matches_the_ablated_metric(explorer, tasklm, setup, monkeypatch):
+def test_faithfulness_matches_the_ablated_metric(explorer, tasklm, setup):
     saes, graph, clean, metric, texts, means = setup
-    explorer.node_threshold.value = float(np.sort(np.abs(graph["effect"]))[-3])
+    explorer.node_threshold = float(np.sort(np.abs(graph["effect"]))[-3])
     circuit = explorer.circuit()
     assert sum(map(len, circuit.values())) == 3
     batch = tasklm.as_batch(clean)
     full = float(metric(tasklm.logits(batch), batch).mean())  # error nodes make the spliced model exact
     empty = ablated_metric(tasklm, saes, batch, metric, {}, means)
     kept = ablated_metric(tasklm, saes, batch, metric, circuit, means)
-    frac = explorer.check_faithfulness()
+    result = explorer.check_faithfulness()
+    frac = float(result["faithfulness"][0])
+    assert int(result["size"][0]) == 3 and explorer.last is result
     assert frac == pytest.approx((kept - empty) / (full - empty), rel=1e-4)
     assert np.allclose(explorer.bars.data[0].y, [full, kept], rtol=1e-4)
     assert explorer.bars.layout.title.text == f"faithfulness of 3 nodes: {frac:.3f}"
     # every node in the circuit: faithfulness is exactly 1
-    everything = {s: list(range(sae.d_sae)) + ["err"] for s, sae in saes.items()}
-    monkeypatch.setattr(explorer, "circuit", lambda: everything)
-    assert explorer.check_faithfulness() == pytest.approx(1.0, abs=1e-5)
+    everything = faithfulness(tasklm, saes, clean, metric, graph, thresholds=[0.0], means=means)
+    assert int(everything["size"][0]) == len(graph.coord("node"))
+    assert float(everything["faithfulness"][0]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_error_nodes_cannot_be_ablated(explorer, setup):
@@ -163,6 +195,7 @@ def test_error_nodes_cannot_be_ablated(explorer, setup):
     err = [i for i, f in enumerate(graph["feature"]) if f < 0][0]
     explorer.select(int(err))
     assert explorer.ablate_button.disabled and explorer.steer_button.disabled
+    assert "error nodes cannot be ablated" in explorer.steer_button.tooltip
     assert "error node" in explorer.node_info.value
     with pytest.raises(WorkbenchError, match="select a feature node"):
         explorer.ablate()
@@ -174,7 +207,49 @@ def test_error_nodes_cannot_be_ablated(explorer, setup):
 def test_graph_and_saes_must_match(tasklm, setup):
     saes, graph, clean, metric, texts, means = setup
     with pytest.raises(WorkbenchError, match="sites"):
-        CircuitExplorer(tasklm, {"resid_post.0": saes["resid_post.0"]}, graph, clean, metric, texts=texts)
+        CircuitExplorer(graph, subject=tasklm, saes={"resid_post.0": saes["resid_post.0"]}, clean=clean, metric=metric,
+                        texts=texts)
+
+
+def test_built_from_saved_results_draws_the_same(explorer, tasklm, setup, tmp_path):
+    saes, graph, clean, metric, texts, means = setup
+    feats = [graph.coord("node")[i] for i in np.argsort(-np.abs(graph["effect"])) if graph["feature"][i] >= 0][:2]
+    explorer.node_threshold = float(np.sort(np.abs(graph["effect"]))[-5])
+    explorer.select(feats[0])
+    faith = faithfulness(tasklm, saes, clean, metric, graph, thresholds=[explorer.node_threshold, 0.0], means=means)
+    summary = explorer.dashboard.summary
+
+    def reload(result, name):
+        return Result.load(result.save(tmp_path / f"{name}.safetensors"))
+
+    offline = CircuitExplorer(reload(graph, "graph"), summaries=[reload(summary, "summary")],
+                              faithfulness=reload(faith, "faith"), node=feats[0])
+    offline.node_threshold = explorer.node_threshold
+    assert_same_figure(offline.figure, explorer.figure)
+    dash, live_dash = offline.dashboard, explorer.dashboard
+    assert dash.feature == live_dash.feature and dash.title.value == live_dash.title.value
+    assert dash.contexts.value == live_dash.contexts.value
+    assert_same_figure(dash.histogram, live_dash.histogram)
+    assert_same_figure(dash.logits, live_dash.logits)
+    # the saved faithfulness row nearest the threshold, as the live button shows it
+    explorer.check_faithfulness()
+    assert_same_figure(offline.bars, explorer.bars)
+    assert offline.status.value == explorer.status.value
+    # clicking a node sets the trait offline too; the ring follows
+    k = _shown_nodes(offline.figure).index(graph.coord("node").index(feats[1]))
+    offline._on_node(offline.figure.data[6], _Points([k]), None)
+    assert offline.node == feats[1]
+    explorer.node = feats[1]
+    assert_same_figure(offline.figure, explorer.figure)
+    # a feature with no saved summary: the dashboard says why it shows nothing
+    assert dash.feature == int(feats[1].split("/")[1]) and dash.summary is None
+    assert "no saved summary" in dash.title.value and "needs a model" in dash.title.value
+    assert len(dash.histogram.data[0].x) == 0
+    # the actions that need the model are off, and say why
+    for button in (offline.ablate_button, offline.steer_button, offline.faith_button):
+        assert button.disabled and "need a model: pass subject=, saes=, clean=, metric=" in button.tooltip
+    assert "need a model" in offline.reason.value
+    assert offline.steer() is None and "need a model" in offline.status.value
 
 
 def test_dashboard_escapes_token_text(tasklm, setup):
@@ -182,7 +257,7 @@ def test_dashboard_escapes_token_text(tasklm, setup):
     texts = agreement_sentences(40, seed=4, split="test")
     f0, f1 = [int(n.split("/")[1]) for n, _ in graph_top(graph) if n.startswith("attn_out.1/")
               and not n.endswith("err")][:2]
-    dash = FeatureDashboard(tasklm, saes["attn_out.1"], f0, texts)
+    dash = FeatureDashboard.from_subject(tasklm, saes["attn_out.1"], f0, texts)
     s = copy.deepcopy(dash.summary)
     assert s.attrs["examples"], "the strongest circuit feature fires on agreement sentences"
     s.attrs["examples"][0]["tokens"][0] = EVIL

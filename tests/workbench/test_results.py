@@ -95,3 +95,11 @@ def test_provenance_names_the_model(tasklm):
     p = provenance(tasklm, seed=1, params={"k": 2})
     assert p["model"] == "tasklm" and p["seed"] == 1 and len(p["config_hash"]) == 16
     assert len(p["weights_sha256"]) == 64 and p["versions"]["nnsight"]
+
+
+def test_scalar_variables_round_trip(tmp_path):
+    # a 0-d variable (a baseline, a p-value) keeps its shape through save / load
+    r = Result("demo", dims={"layer": [0, 1]},
+               data={"accuracy": (("layer",), [0.5, 0.75]), "zero_shot": ((), np.float64(0.25))})
+    back = Result.load(r.save(tmp_path / "scalar.safetensors"))
+    assert back["zero_shot"].shape == () and float(back["zero_shot"]) == 0.25 and back.equals(r)
