@@ -22,7 +22,7 @@ import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
 
-from workbench.taskvec.weights import METHODS, TaskVector, diagnose
+from workbench.taskvec import METHODS, TaskVector, diagnose
 
 
 def merge_bars(tasks, merged, finetuned=None, title="merged model: zero-shot accuracy per task") -> go.Figure:
