@@ -2,7 +2,8 @@
 
 A :class:`TaskVector` holds no tensors: it is a linear combination of (fine-tuned,
 base) checkpoint pairs, so ``a + b``, ``a - b``, ``-a`` and ``2 * a`` cost nothing and a
-tensor is only computed (in float32) when it is asked for: ``tv[key]`` whole, or
+tensor is only computed (in float32, or float64 when a checkpoint holds float64) when
+it is asked for: ``tv[key]`` whole, or
 ``tv.flat(key, lo, hi)`` for entries ``lo:hi`` of its flattening, read from the
 checkpoint files and nothing more.
 """
@@ -23,8 +24,14 @@ from workbench.taskvec.checkpoint import Checkpoint, all_finite, check_compatibl
 Term = tuple[float, Checkpoint, "Checkpoint | None"]
 
 
+def _work(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (what merges compute in)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 class TaskVector:
-    """``finetuned - base``, tensor by tensor, computed on demand (float32).
+    """``finetuned - base``, tensor by tensor, computed on demand (float32; float64 for
+    float64 checkpoints).
 
     ``tv[key]`` is one tensor of the difference; ``tv.keys()`` the floating-point tensor
     names; ``a + b``, ``a - b``, ``-a``, ``2.0 * a`` make new lazy task vectors;
@@ -79,10 +86,11 @@ class TaskVector:
             f = ft.get(key)
             if base is None:
                 check_finite(f, key, ft.name)
-                d = f.float()
+                d = f.to(_work(f))
             else:
                 b = base.get(key)
-                d = f.float() - b.float()
+                dt = _work(f, b)
+                d = f.to(dt) - b.to(dt)
                 if not all_finite(d):
                     check_finite(b, key, base.name)
                     check_finite(f, key, ft.name)
@@ -99,7 +107,12 @@ class TaskVector:
         out = None
         for coef, ft, base in self.terms:
             f = ft.get_flat(key, lo, hi)
-            d = f.float() if base is None else f.float() - base.get_flat(key, lo, hi).float()
+            if base is None:
+                d = f.to(_work(f))
+            else:
+                b = base.get_flat(key, lo, hi)
+                dt = _work(f, b)
+                d = f.to(dt) - b.to(dt)
             d = d if coef == 1.0 else d * coef
             out = d if out is None else out + d
         if check and not all_finite(out):
