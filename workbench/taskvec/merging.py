@@ -285,9 +285,10 @@ def weights_for(weights: Any, key: str, n: int) -> list[float]:
             raise WorkbenchError(f"per-tensor weights have no entry for {key!r}; give one list of {n} numbers per tensor")
     else:
         w = weights
-    if isinstance(w, (str, bytes)) or not hasattr(w, "__len__") and not hasattr(w, "tolist"):
+    w = w.tolist() if hasattr(w, "tolist") else w
+    if isinstance(w, (str, bytes)) or not isinstance(w, Sequence):
         raise WorkbenchError(f"weights must be a list of {n} numbers (one per task vector), got {w!r}")
-    w = list(w.tolist() if hasattr(w, "tolist") else w)
+    w = list(w)
     where = f" for {key!r}" if isinstance(weights, Mapping) else ""
     if len(w) != n:
         raise WorkbenchError(f"need one weight per task vector ({n}), got {len(w)}{where}")
