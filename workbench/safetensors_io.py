@@ -67,6 +67,8 @@ _ST_NUMPY = {
 }
 _NUMPY_ST = {v.newbyteorder("="): k for k, v in _ST_NUMPY.items()}
 _ITEMSIZE = {**{k: v.itemsize for k, v in _ST_TORCH.items()}, **{k: v.itemsize for k, v in _ST_NUMPY.items()}}
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: temporaries are created private (0600 / 0700) and opened up to this at commit
 
 
 class SafetensorsFile:
@@ -303,6 +305,7 @@ def write_file(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Ma
                 if entries[k][2]:
                     f.write(_raw(entries[k][3]))
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
         _commit_file(tmp, path, overwrite)
     finally:
@@ -345,6 +348,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     parent = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
         for name in os.listdir(tmp):  # make the folder's files durable before it becomes visible
             p = os.path.join(tmp, name)

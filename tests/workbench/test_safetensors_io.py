@@ -73,18 +73,29 @@ def _bf16(tmp_path):
     return write_file({"x": torch.ones(2, dtype=torch.bfloat16)}, tmp_path / "bf.safetensors")
 
 
-def test_write_is_atomic_and_never_replaces_unasked(tmp_path):
+def test_write_is_atomic_and_never_replaces_unasked(tmp_path, monkeypatch):
+    import workbench.safetensors_io as io_
+
     path = tmp_path / "t.safetensors"
     path.write_bytes(b"keep me")
     with pytest.raises(WorkbenchError, match="already exists and is not empty"):
         write_file({"a": torch.ones(2)}, path, overwrite=False)
     assert path.read_bytes() == b"keep me"
+    with pytest.raises(WorkbenchError, match="numbers and bools only"):
+        write_file({"a": torch.ones(2), "b": np.array([object()])}, path)
+    calls = []
 
-    class Boom:  # fails half-way through the write
-        shape = (2,)
+    def boom(v):  # the disk fills up after the first tensor
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(v)
 
-    with pytest.raises(WorkbenchError):
-        write_file({"a": torch.ones(2), "b": Boom()}, path)
+    real = io_._raw
+    monkeypatch.setattr(io_, "_raw", boom)
+    with pytest.raises(OSError, match="No space left"):
+        write_file({"a": torch.ones(2), "b": torch.ones(3)}, path)
+    monkeypatch.undo()
     assert path.read_bytes() == b"keep me" and os.listdir(tmp_path) == ["t.safetensors"]
     write_file({"a": torch.ones(2)}, path)  # overwrite=True is the default for a single file
     assert torch.equal(SafetensorsFile(path).read("a"), torch.ones(2))
@@ -92,6 +103,9 @@ def test_write_is_atomic_and_never_replaces_unasked(tmp_path):
     empty.touch()  # an empty placeholder may be replaced
     write_file({"a": torch.zeros(1)}, empty, overwrite=False)
     assert torch.equal(SafetensorsFile(empty).read("a"), torch.zeros(1))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(empty).st_mode & 0o777 == 0o666 & ~umask  # not the temporary's private 0600
 
 
 def test_atomic_directory_commits_once_or_not_at_all(tmp_path):
