@@ -45,7 +45,7 @@ def _answer_loss(logits: torch.Tensor, last: torch.Tensor, answers: torch.Tensor
 
 def finetune(
     subject,
-    task: str,
+    task: str | Sequence[str],
     *,
     steps: int = 50,
     lr: float = 1e-4,
@@ -58,32 +58,45 @@ def finetune(
     """Fine-tune a copy of ``subject``'s model on ``task`` (all parameters, AdamW,
     answer-token cross-entropy on zero-shot prompts of ``split``); return its state dict.
 
-    Seeded: the same seed gives the same weights on the CPU. The subject's own model is
-    not changed.
+    ``task`` may be a list of tasks: co-training, with batches alternating between the
+    tasks and ``steps`` steps on *each* (``len(task) * steps`` in all), so every task gets
+    exactly the updates it gets alone. Seeded: the same seed gives the same weights on the
+    CPU. The subject's own model is not changed.
     """
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise WorkbenchError(f"need steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
-    get_task(task)
-    ds = finetune_data(task, split=split, tokenizer=subject.tokenizer)
-    if len(ds) == 0:
-        raise WorkbenchError(f"task {task!r} has no examples in split {split!r} that this tokenizer can score")
-    batch = subject.tokenize(ds["prompt"])
-    answers = torch.tensor(ds["answer_id"], device=batch.input_ids.device)
+    tasks = [task] if isinstance(task, str) else list(task)
+    if not tasks:
+        raise WorkbenchError("no task to fine-tune on; pass a task name or a list of them")
+    if len(set(tasks)) != len(tasks):
+        raise WorkbenchError(f"tasks must be distinct, got {tasks}")
+    data = []
+    for t in tasks:
+        get_task(t)
+        ds = finetune_data(t, split=split, tokenizer=subject.tokenizer)
+        if len(ds) == 0:
+            raise WorkbenchError(f"task {t!r} has no examples in split {split!r} that this tokenizer can score")
+        batch = subject.tokenize(ds["prompt"])
+        data.append((batch, torch.tensor(ds["answer_id"], device=batch.input_ids.device)))
     model = copy.deepcopy(subject.model)
     model.train()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    it = range(steps)
+    it = range(steps * len(tasks))
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"fine-tune {task}")
-    n = len(ds)
-    for _ in it:
+        it = tqdm(it, desc=f"fine-tune {'+'.join(tasks)}")
+    for i in it:
+        batch, answers = data[i % len(tasks)]
+        n = len(batch)
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         out = model(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx])
         loss = _answer_loss(out.logits, batch.last[idx], answers[idx])
+        if not torch.isfinite(loss):
+            raise WorkbenchError(f"fine-tuning loss became {float(loss)} at step {i} (task {tasks[i % len(tasks)]!r}); "
+                                 "lower lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -186,8 +199,9 @@ class MergeEvaluator:
         return {k: v for k, v in params.items() if k in self._call_keys}
 
     @torch.no_grad()
-    def accuracy_of(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """Per-task zero-shot top-1 accuracy of the model with ``params`` (default: the base)."""
+    def correct_of(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+        """Per-task, per-prompt top-1 correctness [prompts] (bool) of the model with
+        ``params`` (default: the base), for intervals by resampling the prompts."""
         from torch.func import functional_call
 
         out = {}
@@ -195,8 +209,16 @@ class MergeEvaluator:
             kwargs = b.kwargs()
             logits = (self.model(**kwargs) if params is None else functional_call(self.model, self.call_params(params), (), kwargs)).logits
             pred = logits[torch.arange(len(b)), b.last].argmax(-1)
-            out[t] = float((pred == answers).float().mean())
+            out[t] = (pred == answers).cpu().numpy()
         return out
+
+    def accuracy_of(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Per-task zero-shot top-1 accuracy of the model with ``params`` (default: the base)."""
+        return {t: float(c.mean()) for t, c in self.correct_of(params).items()}
+
+    def batches(self) -> dict[str, tuple]:
+        """The tokenized held-out prompts and answer ids of every task: {task: (Batch, answers)}."""
+        return dict(self._batches)
 
     def accuracy(self, method: str = "task_arithmetic", weights=None, **kwargs) -> dict[str, float]:
         """Per-task accuracy of a merge: ``accuracy_of(merged(method, weights, **kwargs))``."""
