@@ -413,13 +413,15 @@ class CircuitExplorer(W.VBox):
     def check_faithfulness(self) -> float:
         """Faithfulness of the shown nodes: (m(C) - m(empty)) / (m(model) - m(empty))."""
         from workbench.circuits import ablated_metric
-        from workbench.circuits.attribution import _inputs, _metric_value, spliced_run
+        from workbench.circuits.attribution import spliced_run
+        from workbench.effects import as_inputs
+        from workbench.metrics import mean_metric
 
         def run():
             if self._baseline is None:  # the model's and the all-ablated metric: the same at every threshold
-                batch = self.subject.as_batch(_inputs(self.clean))
+                batch = self.subject.as_batch(as_inputs(self.clean))
                 _, _, logits = spliced_run(self.subject, batch, self.saes)
-                full = float(_metric_value(self.metric, logits, batch))
+                full = float(mean_metric(self.metric, logits, batch))
                 self._baseline = batch, full, ablated_metric(self.subject, self.saes, batch, self.metric, {}, self.means)
             batch, full, empty = self._baseline
             circuit = self.circuit()
