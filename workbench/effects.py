@@ -401,7 +401,6 @@ class Patching:
                                      "prompts must have equal lengths; use templated prompts or replacement='mean'")
             self.perm = derangement(len(self.batch), seed).to(self.batch.input_ids.device)
         self._fixed: dict[str, tuple] = {}
-        self.metric_corrupted: float | None = None
         if self.replacement == "mean":
             self._fixed = node_means(subject, self.batch if reference is None else reference, nodes,
                                      skip_first=skip_first)
