@@ -673,3 +673,43 @@ __all__ = [
     "TaskAtlas", "atlas_agreement", "combine", "feature_circuit_effects", "ground_truth", "lens_measures", "partitions",
     "recommend_groups", "task_atlas", "task_gradient_relatedness", "weighted_jaccard",
 ]
+
+
+# ---------------------------------------------------------------------- the shipped atlas
+
+
+def shipped_path() -> Path:
+    """Where the package keeps the atlas of the zoo's tasklm (computed by ``python -m
+    workbench.atlas``)."""
+    from workbench.zoo import TASKLM_DIR
+
+    return TASKLM_DIR / "atlas.safetensors"
+
+
+def shipped_atlas() -> TaskAtlas:
+    """The atlas of tasklm over the 8 word tasks with the default :class:`AtlasConfig`,
+    as shipped (a few minutes of CPU to recompute: ``python -m workbench.atlas``)."""
+    path = shipped_path()
+    if not path.exists():
+        raise WorkbenchError(f"no shipped atlas at {path}; compute it with `python -m workbench.atlas`")
+    return Result.load(path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m workbench.atlas [--cache DIR] [--out PATH]``: recompute the shipped atlas."""
+    import argparse
+
+    import workbench
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--cache", default=None, help="stage cache folder (resumable)")
+    ap.add_argument("--out", default=str(shipped_path()))
+    args = ap.parse_args(argv)
+    subject = workbench.load("tasklm")
+    atlas = task_atlas(subject, cache_dir=args.cache)
+    atlas.save(args.out)
+    print(atlas.agreement().table().to_string())
+
+
+if __name__ == "__main__":
+    main()
