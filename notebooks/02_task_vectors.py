@@ -137,8 +137,8 @@ print(f"base: antonym {base_acc['antonym']:.2f}, others {base_others:.2f}; chose
 
 # %%
 FV_TASKS = ["capitalize", "first_letter", "lowercase", "antonym"]
-fvs = {t: function_vector(tasklm, t, k=5, n=32) for t in FV_TASKS}
-fv_acc = {t: fv_accuracy(tasklm, fvs[t], ks=[1, 2, 4, 8]) for t in FV_TASKS}
+fvs = {t: function_vector(tasklm, t, n_demos=5, n_prompts=32) for t in FV_TASKS}
+fv_acc = {t: fv_accuracy(tasklm, fvs[t], top_ks=[1, 2, 4, 8]) for t in FV_TASKS}
 for t in FV_TASKS:
     k, layer, best = fv_acc[t].best()
     print(f"{t:14} zero-shot {float(fv_acc[t]['zero_shot']):.2f} -> {best:.2f} with the top {k} heads at layer {layer}")
@@ -165,11 +165,11 @@ print(f"capitalize with learned head weights: {learned_acc:.2f}; weights\n{learn
 # demonstrations' contribution (theta minus the mean zero-shot residual) instead.
 
 # %%
-icl_replace = icl_task_vectors(tasklm, FV_TASKS, k=5, n=32, mode="replace")
-icl_add = icl_task_vectors(tasklm, FV_TASKS, k=5, n=32, mode="add")
+icl_replace = icl_task_vectors(tasklm, FV_TASKS, n_demos=5, n_prompts=32, mode="replace")
+icl_add = icl_task_vectors(tasklm, FV_TASKS, n_demos=5, n_prompts=32, mode="add")
 print("replace:", dict(zip(FV_TASKS, icl_replace["accuracy"].max(1).round(2))))
 print("add:    ", dict(zip(FV_TASKS, icl_add["accuracy"].max(1).round(2))))
-cos = fv_cosines(fvs, k=2, icl=icl_add, layer=1)
+cos = fv_cosines(fvs, top_k=2, icl=icl_add, layer=1)
 print("function-vector cosines\n", np.round(cos["fv_cosine"], 2))
 print("function vector vs in-context task vector:", dict(zip(FV_TASKS, cos["fv_vs_icl"].round(2))))
 wcos = diag["cosine"][np.ix_([TASKS.index(t) for t in FV_TASKS], [TASKS.index(t) for t in FV_TASKS])]

@@ -24,7 +24,7 @@ TASKS = ["capitalize", "first_letter", "antonym"]
 def lab(tasklm):
     fts = {t: finetune(tasklm, t, steps=30, lr=1e-4, seed=0) for t in TASKS}
     ev = MergeEvaluator(tasklm, fts, n=32)
-    fvs = {t: function_vector(tasklm, t, k=5, n=16) for t in ("capitalize", "first_letter")}
+    fvs = {t: function_vector(tasklm, t, n_demos=5, n_prompts=16) for t in ("capitalize", "first_letter")}
     return TaskVectorLab.from_evaluator(ev, fvs, n_sweep=32)
 
 

@@ -17,21 +17,21 @@ from workbench.taskvec.activations import (
 
 def test_function_vector_shapes_and_batched_equals_sequential(tiny):
     arch, subject = tiny
-    fv = function_vector(subject, "antonym", k=2, n=6)
+    fv = function_vector(subject, "antonym", n_demos=2, n_prompts=6)
     L, H = subject.n_layers, subject.n_heads
     assert fv["mean_z"].shape == (L, H, subject.d_head)
     assert fv["head_out"].shape == (L, H, subject.d_model)
     assert fv["indirect_effect"].shape == (L, H)
-    seq = function_vector(subject, "antonym", k=2, n=6, batched=False)
+    seq = function_vector(subject, "antonym", n_demos=2, n_prompts=6, batched=False)
     assert np.allclose(fv["indirect_effect"], seq["indirect_effect"], atol=1e-5), arch
     # head_out is mean_z through W_O
     want = torch.einsum("d,dm->m", torch.tensor(fv["mean_z"][1, 2]), subject.W_O(1)[2].detach())
     assert np.allclose(fv["head_out"][1, 2], want.numpy(), atol=1e-5)
     assert fv.vector(heads=[(0, 1), (1, 2)]).shape == (subject.d_model,)
     assert len(fv.top_heads(3)) == 3
-    acc = fv_accuracy(subject, fv, ks=[0, 2], n=4)
+    acc = fv_accuracy(subject, fv, top_ks=[0, 2], n_prompts=4)
     assert acc["accuracy"].shape == (2, L)
-    icl = icl_task_vectors(subject, ["antonym"], k=2, n=4)
+    icl = icl_task_vectors(subject, ["antonym"], n_demos=2, n_prompts=4)
     assert icl["accuracy"].shape == (1, L) and icl["theta"].shape == (1, L, subject.d_model)
 
 
@@ -50,23 +50,23 @@ def test_indirect_effect_chunks_agree(tasklm):
 
 @pytest.fixture(scope="module")
 def fvs(tasklm):
-    return {t: function_vector(tasklm, t, k=5, n=32) for t in ("capitalize", "first_letter")}
+    return {t: function_vector(tasklm, t, n_demos=5, n_prompts=32) for t in ("capitalize", "first_letter")}
 
 
 def test_function_vector_recovers_a_task_on_tasklm(tasklm, fvs):
     gains = {}
     for t, fv in fvs.items():
-        acc = fv_accuracy(tasklm, fv, ks=[1, 2, 4], n=64)
+        acc = fv_accuracy(tasklm, fv, top_ks=[1, 2, 4], n_prompts=64)
         k, layer, best = acc.best()
         gains[t] = best - float(acc["zero_shot"])
-        assert acc["accuracy"][acc.coord("k").index(k), acc.coord("layer").index(layer)] == best
+        assert acc["accuracy"][acc.coord("top_k").index(k), acc.coord("layer").index(layer)] == best
     # these tasks are ambiguous zero-shot; the vector alone tells the model which task is meant
     assert max(gains.values()) >= 0.4, gains
 
 
 def test_learned_head_weights_lower_the_loss(tasklm, fvs):
     fv = fvs["capitalize"]
-    res = learn_head_weights(tasklm, fv, layer=1, n=32, steps=25, lr=0.1)
+    res = learn_head_weights(tasklm, fv, layer=1, n_prompts=32, steps=25, lr=0.1)
     assert res["weight"].shape == (tasklm.n_layers, tasklm.n_heads)
     assert res["loss"][-1] < res["loss"][0] - 0.5
     from workbench.taskvec.activations import add_vector_accuracy, zero_shot_batch
@@ -78,8 +78,8 @@ def test_learned_head_weights_lower_the_loss(tasklm, fvs):
 
 
 def test_cosines_and_icl_comparison(tasklm, fvs):
-    icl = icl_task_vectors(tasklm, list(fvs), k=5, n=16, mode="add")
-    cos = fv_cosines(fvs, k=2, icl=icl, layer=1)
+    icl = icl_task_vectors(tasklm, list(fvs), n_demos=5, n_prompts=16, mode="add")
+    cos = fv_cosines(fvs, top_k=2, icl=icl, layer=1)
     m = cos["fv_cosine"]
     assert m.shape == (2, 2) and np.allclose(np.diag(m), 1.0) and np.allclose(m, m.T)
     assert cos["fv_vs_icl"].shape == (2,) and np.all(np.abs(cos["fv_vs_icl"]) <= 1 + 1e-6)

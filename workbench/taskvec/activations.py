@@ -62,16 +62,16 @@ def _check_tokenizer(subject, ds) -> None:
         )
 
 
-def _prompt_set(subject, task, k: int, n: int, *, seed: int, split: str, shuffle_labels: bool = False):
-    ds = icl_prompts(task, k, n, seed=seed, split=split, shuffle_labels=shuffle_labels, tokenizer=subject.tokenizer)
+def _prompt_set(subject, task, n_demos: int, n_prompts: int, *, seed: int, split: str, shuffle_labels: bool = False):
+    ds = icl_prompts(task, n_demos, n_prompts, seed=seed, split=split, shuffle_labels=shuffle_labels, tokenizer=subject.tokenizer)
     if len(ds) == 0:
         raise WorkbenchError(f"no prompts of task {task!r} can be scored with {subject.name!r}'s tokenizer")
     return ds
 
 
-def _as_prompts(subject, task_or_ds, k: int, n: int, *, seed: int, split: str, shuffle_labels: bool = False):
+def _as_prompts(subject, task_or_ds, n_demos: int, n_prompts: int, *, seed: int, split: str, shuffle_labels: bool = False):
     if isinstance(task_or_ds, str):
-        return _prompt_set(subject, task_or_ds, k, n, seed=seed, split=split, shuffle_labels=shuffle_labels)
+        return _prompt_set(subject, task_or_ds, n_demos, n_prompts, seed=seed, split=split, shuffle_labels=shuffle_labels)
     _check_tokenizer(subject, task_or_ds)
     return task_or_ds
 
@@ -112,10 +112,10 @@ def _set_at_last(batch, values: torch.Tensor):
     return fn
 
 
-def zero_shot_batch(subject, task: str, n: int, *, split: str = "test", seed: int = 0):
-    """Tokenized zero-shot prompts of ``task`` (each pair of ``split`` once, up to ``n``)
+def zero_shot_batch(subject, task: str, n_prompts: int, *, split: str = "test", seed: int = 0):
+    """Tokenized zero-shot prompts of ``task`` (each pair of ``split`` once, up to ``n_prompts``)
     and their answer ids."""
-    size = min(n, len(get_task(task).split(split)))
+    size = min(n_prompts, len(get_task(task).split(split)))
     ds = zero_shot_prompts(task, size, split=split, seed=seed, tokenizer=subject.tokenizer)
     b = subject.tokenize(ds["prompt"])
     return b, torch.tensor(ds["answer_id"], device=b.input_ids.device)
@@ -140,8 +140,8 @@ def icl_task_vectors(
     subject,
     tasks: Sequence[str],
     *,
-    k: int = 5,
-    n: int = 32,
+    n_demos: int = 5,
+    n_prompts: int = 32,
     layers: Sequence[int] | None = None,
     dummy_query: bool = True,
     mode: str = "replace",
@@ -168,7 +168,7 @@ def icl_task_vectors(
     thetas = np.zeros((len(tasks), len(layers), subject.d_model))
     deltas = np.zeros_like(thetas)
     for ti, task in enumerate(tasks):
-        ds = _prompt_set(subject, task, k, n, seed=seed, split=split)
+        ds = _prompt_set(subject, task, n_demos, n_prompts, seed=seed, split=split)
         answers = torch.tensor(ds["answer_id"])
         if dummy_query:
             # the demonstrations and a dummy query taken from another row's query
@@ -196,7 +196,7 @@ def icl_task_vectors(
                 fn = _add_at_last(zb, torch.tensor(deltas[ti, li], dtype=torch.float32, device=zb.input_ids.device))
             logits = subject.logits(zb, patch={s: fn})
             acc[ti, li] = float(_correct(logits, zb, answers).mean())
-    params = {"tasks": tasks, "k": k, "n": n, "layers": layers, "dummy_query": dummy_query, "mode": mode, "split": split}
+    params = {"tasks": tasks, "n_demos": n_demos, "n_prompts": n_prompts, "layers": layers, "dummy_query": dummy_query, "mode": mode, "split": split}
     return ICLTaskVectors(
         dims={"task": tasks, "layer": layers, "dim": list(range(subject.d_model))},
         data={"accuracy": (("task", "layer"), acc), "zero_shot": (("task",), zs), "icl": (("task",), icl),
@@ -222,16 +222,16 @@ class FunctionVector(Result):
     def task(self) -> str:
         return self.attrs["task"]
 
-    def top_heads(self, k: int) -> list[tuple[int, int]]:
-        """The ``k`` heads of largest indirect effect, as (layer, head)."""
+    def top_heads(self, top_k: int) -> list[tuple[int, int]]:
+        """The ``top_k`` heads of largest indirect effect, as (layer, head)."""
         ie = self["indirect_effect"]
         layers, heads = self.coord("layer"), self.coord("head")
-        order = np.argsort(-ie.reshape(-1), kind="stable")[:k]
+        order = np.argsort(-ie.reshape(-1), kind="stable")[:top_k]
         return [(layers[i // ie.shape[1]], heads[i % ie.shape[1]]) for i in order]
 
-    def vector(self, k: int | None = 10, heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Sum of the projected mean outputs of ``heads`` (default: the top ``k``) [dim]."""
-        heads = self.top_heads(k) if heads is None else [tuple(h) for h in heads]
+    def vector(self, top_k: int | None = 10, heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Sum of the projected mean outputs of ``heads`` (default: the top ``top_k``) [dim]."""
+        heads = self.top_heads(top_k) if heads is None else [tuple(h) for h in heads]
         layers, hs = self.coord("layer"), self.coord("head")
         out = np.zeros(self["head_out"].shape[-1])
         for l, h in heads:
@@ -298,8 +298,8 @@ def function_vector(
     subject,
     task: str,
     *,
-    k: int = 5,
-    n: int = 32,
+    n_demos: int = 5,
+    n_prompts: int = 32,
     n_corrupted: int | None = None,
     split: str = "train",
     seed: int = 0,
@@ -307,24 +307,24 @@ def function_vector(
     prompts=None,
     corrupted=None,
 ) -> FunctionVector:
-    """Mean head outputs over ``n`` in-context prompts of ``task`` (``k`` demonstrations,
+    """Mean head outputs over ``n_prompts`` in-context prompts of ``task`` (``n_demos`` demonstrations,
     from ``split``) and each head's indirect effect on shuffled-label prompts.
 
     ``prompts`` / ``corrupted``: your own datasets (as built by ``icl_prompts`` with this
     subject's tokenizer) in place of the drawn ones; prompts tokenized with another
     tokenizer are refused."""
     task = get_task(task).name
-    clean = _as_prompts(subject, prompts if prompts is not None else task, k, n, seed=seed, split=split)
+    clean = _as_prompts(subject, prompts if prompts is not None else task, n_demos, n_prompts, seed=seed, split=split)
     cb = subject.tokenize(clean["prompt"])
     with torch.no_grad():
         mean_z = mean_head_outputs(subject, cb)
-    corr = _as_prompts(subject, corrupted if corrupted is not None else task, k, n_corrupted or n, seed=seed + 1,
+    corr = _as_prompts(subject, corrupted if corrupted is not None else task, n_demos, n_corrupted or n_prompts, seed=seed + 1,
                        split=split, shuffle_labels=True)
     xb = subject.tokenize(corr["prompt"])
     answers = torch.tensor(corr["answer_id"], device=xb.input_ids.device)
     ie, p0 = indirect_effects(subject, xb, answers, mean_z, batched=batched)
     head_out = project_heads(subject, mean_z)
-    params = {"task": task, "k": k, "n": n, "split": split, "batched": batched}
+    params = {"task": task, "n_demos": n_demos, "n_prompts": n_prompts, "split": split, "batched": batched}
     L, H = subject.n_layers, subject.n_heads
     return FunctionVector(
         dims={"layer": list(range(L)), "head": list(range(H)), "d_head": list(range(subject.d_head)),
@@ -345,7 +345,7 @@ class FVAccuracy(Result):
     def best(self) -> tuple[int, int, float]:
         a = self["accuracy"]
         i, j = np.unravel_index(int(np.argmax(a)), a.shape)
-        return int(self.coord("k")[i]), int(self.coord("layer")[j]), float(a[i, j])
+        return int(self.coord("top_k")[i]), int(self.coord("layer")[j]), float(a[i, j])
 
 
 @torch.no_grad()
@@ -358,23 +358,24 @@ def add_vector_accuracy(subject, batch, answers: torch.Tensor, vector: torch.Ten
 
 @torch.no_grad()
 def fv_accuracy(
-    subject, fv: FunctionVector, *, ks: Sequence[int] = (1, 2, 4, 8), layers: Sequence[int] | None = None,
-    n: int = 64, split: str = "test", seed: int = 0, scale: float = 1.0,
+    subject, fv: FunctionVector, *, top_ks: Sequence[int] = (1, 2, 4, 8), layers: Sequence[int] | None = None,
+    n_prompts: int = 64, split: str = "test", seed: int = 0, scale: float = 1.0,
 ) -> FVAccuracy:
     """Zero-shot accuracy on held-out queries of ``fv.task`` with the top-k function vector
     added at the last token of the residual entering layer L, for each k and L."""
     layers = list(range(subject.n_layers)) if layers is None else [subject.site(f"resid_pre.{l}").layer for l in layers]
     n_heads = len(fv.coord("layer")) * len(fv.coord("head"))
-    bad = [k for k in ks if not 0 <= k <= n_heads]
+    bad = [k for k in top_ks if not 0 <= k <= n_heads]
     if bad:
-        raise WorkbenchError(f"k must be in 0..{n_heads} (the number of heads), got {bad}")
-    b, answers = zero_shot_batch(subject, fv.task, n, split=split, seed=seed)
+        raise WorkbenchError(f"top_ks must be in 0..{n_heads} (the number of heads), got {bad}")
+    b, answers = zero_shot_batch(subject, fv.task, n_prompts, split=split, seed=seed)
     base = float(_correct(subject.logits(b), b, answers).mean())
-    acc = np.array([[add_vector_accuracy(subject, b, answers, fv.vector(k), l, scale) for l in layers] for k in ks])
-    params = {"task": fv.task, "ks": list(ks), "layers": layers, "n": n, "split": split, "scale": scale}
+    acc = np.array([[add_vector_accuracy(subject, b, answers, fv.vector(k), l, scale) for l in layers] for k in top_ks])
+    params = {"task": fv.task, "top_ks": list(top_ks), "layers": layers, "n_prompts": n_prompts, "split": split,
+              "scale": scale}
     return FVAccuracy(
-        dims={"k": list(ks), "layer": layers},
-        data={"accuracy": (("k", "layer"), acc), "zero_shot": ((), np.asarray(base))},
+        dims={"top_k": list(top_ks), "layer": layers},
+        data={"accuracy": (("top_k", "layer"), acc), "zero_shot": ((), np.asarray(base))},
         attrs=params, provenance=provenance(subject, seed=seed, params=params),
     )
 
@@ -389,7 +390,7 @@ class LearnedHeadWeights(Result):
 
 
 def learn_head_weights(
-    subject, fv: FunctionVector, *, layer: int, n: int = 32, steps: int = 60, lr: float = 0.1,
+    subject, fv: FunctionVector, *, layer: int, n_prompts: int = 32, steps: int = 60, lr: float = 0.1,
     init: str = "zeros", split: str = "train", seed: int = 0,
 ) -> LearnedHeadWeights:
     """Learn one weight per head so that ``sum_lh w_lh * head_out[l, h]`` added at the
@@ -397,7 +398,7 @@ def learn_head_weights(
     predict their answers (Adam on the answer cross-entropy). ``init``: ``"zeros"`` or
     ``"ie"`` (the indirect effects, clipped at 0, scaled to sum to 1)."""
     layer = subject.site(f"resid_pre.{layer}").layer
-    b, answers = zero_shot_batch(subject, fv.task, n, split=split, seed=seed)
+    b, answers = zero_shot_batch(subject, fv.task, n_prompts, split=split, seed=seed)
     head_out = torch.tensor(fv["head_out"], dtype=torch.float32, device=subject.device)  # [L, H, d]
     if init == "zeros":
         w0 = torch.zeros(head_out.shape[:2])
@@ -420,7 +421,7 @@ def learn_head_weights(
         opt.step()
         losses.append(float(loss.detach()))
     vec = torch.einsum("lh,lhd->d", w.detach(), head_out).cpu()
-    params = {"task": fv.task, "layer": layer, "n": n, "steps": steps, "lr": lr, "init": init, "split": split}
+    params = {"task": fv.task, "layer": layer, "n_prompts": n_prompts, "steps": steps, "lr": lr, "init": init, "split": split}
     return LearnedHeadWeights(
         dims={"layer": fv.coord("layer"), "head": fv.coord("head"), "step": list(range(steps)), "dim": fv.coord("dim")},
         data={"weight": (("layer", "head"), w.detach().cpu().numpy()), "loss": (("step",), np.array(losses)),
@@ -443,12 +444,12 @@ class FVCosines(Result):
     between a task's function vector and its in-context task vector (delta) at the layer."""
 
 
-def fv_cosines(fvs: Mapping[str, FunctionVector], *, k: int = 10, icl: ICLTaskVectors | None = None,
+def fv_cosines(fvs: Mapping[str, FunctionVector], *, top_k: int = 10, icl: ICLTaskVectors | None = None,
                layer: int | None = None) -> FVCosines:
     """Cosines between the top-k function vectors of tasks, and (with ``icl``) between
     each task's function vector and its in-context task vector at ``layer``."""
     names = list(fvs)
-    vecs = {t: fvs[t].vector(k).numpy() for t in names}
+    vecs = {t: fvs[t].vector(top_k).numpy() for t in names}
     mat = np.array([[_cos(vecs[a], vecs[b]) for b in names] for a in names])
     data = {"fv_cosine": (("task", "task_b"), mat)}
     if icl is not None:
@@ -459,7 +460,7 @@ def fv_cosines(fvs: Mapping[str, FunctionVector], *, k: int = 10, icl: ICLTaskVe
             raise WorkbenchError(f"no in-context task vectors for {missing}; computed for {icl.coord('task')}")
         li = icl.coord("layer").index(layer)
         data["fv_vs_icl"] = (("task",), np.array([_cos(vecs[t], icl["delta"][icl.coord("task").index(t), li]) for t in names]))
-    params = {"k": k, "layer": layer, "tasks": names}
+    params = {"top_k": top_k, "layer": layer, "tasks": names}
     return FVCosines(dims={"task": names, "task_b": names}, data=data, attrs=params, provenance=provenance(params=params))
 
 
