@@ -78,7 +78,7 @@ class AtlasConfig:
     density: float = 0.2
     n_demos: int = 4
     n_prompts: int = 32  # in-context prompts per task for the activation and head lenses
-    top_k: int = 4
+    top_k: int = 2  # heads kept per task for the overlap (tasklm has 8 heads in all)
     sae_sites: tuple[str, ...] = ("resid_post.0", "mlp_out.1")
     d_sae: int = 256
     sae_k: int = 8
@@ -103,7 +103,7 @@ def _boot_ci(fn: Callable[[np.random.Generator | None], float], n_boot: int, see
 # ---------------------------------------------------------------------- the cache
 
 
-class _Cache:
+class StageCache:
     """Stage results in a folder (or in memory when there is none)."""
 
     def __init__(self, folder: str | os.PathLike | None) -> None:
@@ -147,7 +147,7 @@ class GroundTruth(Result):
     task's accuracy); the tuned merge scales ``lam_ta`` / ``lam_ties``."""
 
 
-def ground_truth(subject, tasks: Sequence[str], cfg: AtlasConfig, cache: _Cache, *, progress: bool = True) -> GroundTruth:
+def ground_truth(subject, tasks: Sequence[str], cfg: AtlasConfig, cache: StageCache, *, progress: bool = True) -> GroundTruth:
     """Fine-tune every task alone and every pair together (each seed), merge every pair;
     per-prompt correctness on held-out queries gives every number its interval (prompts
     resampled within each task, the same draw for every seed)."""
@@ -286,7 +286,7 @@ class LensMeasures(Result):
     ``head_ie`` [task, layer, head], ``node_effect`` [task, node]."""
 
 
-def lens_measures(subject, tasks: Sequence[str], cfg: AtlasConfig, cache: _Cache, *, progress: bool = True) -> LensMeasures:
+def lens_measures(subject, tasks: Sequence[str], cfg: AtlasConfig, cache: StageCache, *, progress: bool = True) -> LensMeasures:
     """Every lens's relatedness of every pair, at the base model (and, for weight space,
     the first seed's fine-tuned task vectors)."""
     from workbench.taskvec.activations import function_vector, fv_cosines, icl_task_vectors
@@ -405,7 +405,7 @@ def task_gradient_relatedness(subject, tasks: Sequence[str], *, n_prompts: int =
     return tg, tag
 
 
-def feature_circuit_effects(subject, tasks: Sequence[str], cfg: AtlasConfig, cache: _Cache):
+def feature_circuit_effects(subject, tasks: Sequence[str], cfg: AtlasConfig, cache: StageCache):
     """Absolute node effects [task, node] (every SAE feature and every site's error node)
     of each task's clean in-context prompts against the same prompts with shuffled
     demonstration labels, on the log-probability of the right answer."""
@@ -558,7 +558,7 @@ def task_atlas(subject, tasks: Sequence[str] | None = None, *, config: AtlasConf
         raise WorkbenchError(f"an atlas needs at least 3 tasks (pairs to rank), got {tasks}")
     if len(set(tasks)) != len(tasks):
         raise WorkbenchError(f"tasks must be distinct, got {tasks}")
-    cache = _Cache(cache_dir)
+    cache = StageCache(cache_dir)
     tag = "-".join(tasks)
     truth = cache.result(f"truth-{_digest(tag, cfg)}", lambda: ground_truth(subject, tasks, cfg, cache, progress=progress))
     lenses = cache.result(f"lenses-{_digest(tag, cfg)}", lambda: lens_measures(subject, tasks, cfg, cache, progress=progress))
@@ -669,7 +669,8 @@ def recommend_groups(atlas: TaskAtlas, measure: str, *, truth: str = "cotrain", 
 
 
 __all__ = [
-    "AtlasAgreement", "AtlasConfig", "DEFAULT_TASKS", "GroundTruth", "Grouping", "LENSES", "LensMeasures", "TRUTHS",
+    "AtlasAgreement", "AtlasConfig", "DEFAULT_TASKS", "GroundTruth", "Grouping", "LENSES", "LensMeasures", "StageCache",
+    "TRUTHS",
     "TaskAtlas", "atlas_agreement", "combine", "feature_circuit_effects", "ground_truth", "lens_measures", "partitions",
     "recommend_groups", "task_atlas", "task_gradient_relatedness", "weighted_jaccard",
 ]
