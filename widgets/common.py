@@ -64,6 +64,28 @@ def fit_layout(figure: go.Figure) -> go.Figure:
     return figure
 
 
+class FullStateFigureWidget(go.FigureWidget):
+    """A ``go.FigureWidget`` whose first message to the front end already holds its data
+    and layout. (plotly opens the widget's channel before filling them in and sends
+    them as later updates; a view that renders before those updates land draws empty
+    axes, and plotly's view never redraws from them.)"""
+
+    def __init__(self, *args, config: dict | None = None, **kwargs) -> None:
+        self._hold_open = True
+        try:
+            super().__init__(*args, **kwargs)
+            if config:
+                self._config = {**self._config, **config}
+        finally:
+            self._hold_open = False
+        self.open()
+
+    def open(self) -> None:
+        if getattr(self, "_hold_open", False):
+            return
+        super().open()
+
+
 def responsive_figure(figure: go.Figure) -> go.FigureWidget:
     """The ``FigureWidget`` every widget shows: ``figure`` with :func:`fit_layout` (width
     follows the container, title clear of the toolbar) and no NaN/inf in its data.
@@ -71,7 +93,9 @@ def responsive_figure(figure: go.Figure) -> go.FigureWidget:
     update it with :func:`update_in_place`."""
     fig = fit_layout(go.Figure(figure))
     data = [json_safe({k: v for k, v in t.to_plotly_json().items() if k != "uid"}) for t in fig.data]
-    return go.FigureWidget(data=data, layout=json_safe(fig.layout.to_plotly_json()))
+    # responsive: plotly refits the figure to its container on every window resize event
+    return FullStateFigureWidget(data=data, layout=json_safe(fig.layout.to_plotly_json()),
+                                 config={"responsive": True, "displaylogo": False})
 
 
 class FitWidth(anywidget.AnyWidget):
