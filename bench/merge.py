@@ -79,16 +79,16 @@ def make_checkpoints(root: Path, size: str) -> tuple[str, list[str]]:
 
 
 def _compare(ours: str, theirs_dir: str) -> tuple[int, int, float]:
-    from safetensors import safe_open
+    from workbench.safetensors_io import SafetensorsFile
 
     files = sorted(Path(theirs_dir).glob("*.safetensors"))
     differ = total = 0
     worst = 0.0
-    with safe_open(ours, "pt") as a:
+    with SafetensorsFile(ours) as a:
         for f in files:
-            with safe_open(str(f), "pt") as b:
+            with SafetensorsFile(f) as b:
                 for k in b.keys():
-                    x, y = a.get_tensor(k).float(), b.get_tensor(k).float()
+                    x, y = a.read(k).float(), b.read(k).float()
                     d = (x - y).abs()
                     differ += int((d > 1e-6).sum())
                     total += d.numel()

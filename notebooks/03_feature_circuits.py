@@ -97,8 +97,8 @@ def metric(logits, batch):
     return logit_diff(logits, batch, good, bad)
 
 
-attrib = node_effects(lm, saes, clean, corrupted, metric, method="attrib")
-ig = node_effects(lm, saes, clean, corrupted, metric, method="ig", steps=10)
+attrib = node_effects(lm, saes, clean, corrupted, metric, method="attribution")
+ig = node_effects(lm, saes, clean, corrupted, metric, method="ig", ig_steps=10)
 exact = node_effects(lm, saes, clean, corrupted, metric, method="exact")
 e = exact["effect"]
 top50 = np.argsort(-np.abs(e))[:50]

@@ -199,7 +199,7 @@ class AttentionExplorer(W.VBox):
         self.ablate_status.value = "<i>running...</i>"
         try:
             self.ablation = ablate_heads(self.subject, self.ablation_prompts, [self.selected], metric=self.metric,
-                                         method=self.replacement, n_random=self.n_random, seed=self.seed)
+                                         replacement=self.replacement, n_random=self.n_random, seed=self.seed)
         except Exception as e:  # shown, not raised: the widget stays usable
             self.ablate_status.value = f'<span style="color:#b00">{html.escape(str(e))}</span>'
             raise

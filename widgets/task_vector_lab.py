@@ -35,7 +35,7 @@ import traitlets
 
 from widgets.common import member, needs, reason_html, update_in_place
 from widgets.figures.taskvec import cosine_heatmap, ie_heatmap, merge_bars, sweep_figure
-from workbench.taskvec.weights import METHODS
+from workbench.taskvec import METHODS
 
 NO_EVALUATOR = "re-merging needs a model: build the lab with TaskVectorLab.from_evaluator(evaluator, ...)"
 NO_SUBJECT = "sweeping a new head set needs a model: pass subject= (or build the lab from an evaluator)"
@@ -138,7 +138,7 @@ class TaskVectorLab(W.VBox):
         fine-tuned accuracy and (unless given) the task vectors' diagnostics, all computed
         with ``evaluator``."""
         from workbench.taskvec.accuracy import finetuned_accuracy, merge_accuracy
-        from workbench.taskvec.weights import TaskVector, diagnose
+        from workbench.taskvec import TaskVector, diagnose
 
         merge = merge_accuracy(evaluator, "task_arithmetic", [coefficient] * len(evaluator.names))
         if diagnostics is None:

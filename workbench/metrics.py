@@ -8,9 +8,14 @@ sense, so they serve as the metric of attribution patching too.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from workbench.errors import WorkbenchError
+
+Metric = Callable[[torch.Tensor, object], torch.Tensor]
+"""``metric(logits, batch) -> Tensor[batch]``: one value per prompt."""
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -52,3 +57,23 @@ def next_token_loss(logits: torch.Tensor, batch) -> torch.Tensor:
     nll = -logp.gather(-1, target[..., None])[..., 0]
     mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(nll.dtype).to(logits.device)
     return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def resolve_metric(metric: str | Metric) -> Metric:
+    """The one metric protocol: a function ``(logits, batch) -> [batch]`` is returned as
+    is; ``"loss"`` is :func:`next_token_loss`."""
+    if callable(metric):
+        return metric
+    if metric == "loss":
+        return next_token_loss
+    raise WorkbenchError(f"unknown metric {metric!r}; pass 'loss' or a function (logits, batch) -> [batch] "
+                         "such as functools.partial(workbench.metrics.logit_diff, good=..., bad=...)")
+
+
+def mean_metric(metric: Metric, logits: torch.Tensor, batch) -> torch.Tensor:
+    """The metric's mean over the batch (a 0-dim tensor, differentiable; a metric that
+    already returns a scalar is taken as that mean)."""
+    v = metric(logits, batch)
+    if v.dtype == torch.bool:
+        v = v.float()
+    return v.mean() if v.ndim else v

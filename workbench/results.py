@@ -4,8 +4,9 @@ Every analysis returns a :class:`Result` (or a subclass). It holds one or more n
 arrays ("variables"), each over named dimensions whose coordinates are shared, the
 parameters of the analysis (``attrs``) and provenance (model, revision, config hash,
 seed, package versions). ``to_frame()`` gives a tidy pandas frame; ``save`` / ``load``
-round-trip exactly through one safetensors file (arrays as tensors, everything else as
-JSON in its header; no pickle anywhere).
+round-trip exactly through one safetensors file (arrays of any shape, 0-d included, as
+tensors, everything else as JSON in its header; no pickle anywhere), read and written
+by :mod:`workbench.safetensors_io` (atomic writes).
 
     r = Result("demo", dims={"layer": [0, 1], "head": [0, 1, 2]},
                data={"score": (("layer", "head"), np.zeros((2, 3)))})
@@ -20,7 +21,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -177,44 +177,40 @@ class Result:
     def save(self, path: str | os.PathLike) -> str:
         """Write to one safetensors file (written to a temp file, then renamed, so a
         failure never leaves a half-written result)."""
-        from safetensors.numpy import save_file
+        from workbench.safetensors_io import write_file
 
         path = os.fspath(path)
-        # ascontiguousarray makes 0-d arrays 1-d: keep each variable's shape
-        tensors = {n: np.ascontiguousarray(a).reshape(a.shape) for n, (_, a) in self.data.items()}
+        tensors = {n: a for n, (_, a) in self.data.items()}  # (np.ascontiguousarray would make 0-d arrays 1-d)
         for n, a in tensors.items():
-            if a.dtype == object or a.dtype.kind in "USO":
+            if a.dtype == object or a.dtype.kind not in "biuf":
                 raise WorkbenchError(f"variable {n!r} has dtype {a.dtype}; only numeric and bool arrays can be saved")
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"workbench": json.dumps(self._header())})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return write_file(tensors, path, {"workbench": json.dumps(self._header())})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Result":
         """Read a result written by ``save`` (as its registered subclass)."""
-        from safetensors import safe_open
+        from workbench.safetensors_io import SafetensorsFile
 
         path = os.fspath(path)
         if not os.path.exists(path):
             raise WorkbenchError(f"no result file at {path!r}")
         try:
-            with safe_open(path, "np") as f:
-                meta = (f.metadata() or {}).get("workbench")
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:
+            with SafetensorsFile(path) as f:
+                meta = f.metadata.get("workbench")
+                arrays = {k: f.read_numpy(k) for k in f.keys()}
+        except WorkbenchError as err:
             raise WorkbenchError(f"{path!r} is not a safetensors file written by Result.save ({err})") from err
         if meta is None:
             raise WorkbenchError(f"{path!r} is a safetensors file but holds no workbench result header")
-        head = json.loads(meta)
+        try:
+            head = json.loads(meta)
+        except ValueError as err:
+            raise WorkbenchError(f"{path!r} holds a damaged workbench result header ({err})") from err
         if head.get("format_version") != FORMAT_VERSION:
             raise WorkbenchError(f"{path!r} has result format {head.get('format_version')}; this version reads {FORMAT_VERSION}")
+        missing = [n for n in head["var_dims"] if n not in arrays]
+        if missing:
+            raise WorkbenchError(f"{path!r} lacks the arrays of variables {missing}; the file is damaged")
         target = _REGISTRY.get(head["kind"], Result)
         obj = target.__new__(target)
         Result.__init__(

@@ -55,6 +55,26 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def __getitem__(self, rows: slice | int | torch.Tensor) -> "Batch":
+        """The rows ``rows`` (a slice, an index, or an index / boolean tensor over the
+        batch) as a Batch, extra inputs included."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 if rows != -1 else None)
+        elif isinstance(rows, torch.Tensor):
+            rows = rows.to(self.input_ids.device)
+        return Batch(self.input_ids[rows], self.attention_mask[rows], {k: v[rows] for k, v in self.extra.items()})
+
+    def repeat(self, n: int) -> "Batch":
+        """``n`` copies of the batch stacked along the batch dimension (copy i holds rows
+        ``i * len(self)`` to ``(i + 1) * len(self) - 1``)."""
+        if n < 1:
+            raise WorkbenchError(f"a batch repeats a positive number of times, got {n}")
+
+        def rep(v: torch.Tensor) -> torch.Tensor:
+            return v.repeat(n, *[1] * (v.ndim - 1))
+
+        return Batch(rep(self.input_ids), rep(self.attention_mask), {k: rep(v) for k, v in self.extra.items()})
+
 
 class Subject:
     """A model under study: HF model + tokenizer + nnsight wrapper + layout."""
@@ -424,7 +444,7 @@ class Subject:
                     self.patch(s, fn)
                 else:
                     out[s.name] = self.read(s)
-            out = _save(out)
+            out = save(out)
             if stop and not need_logits:
                 tracer.stop()
         return {self.site(k).name: out[self.site(k).name] for k in sites}
@@ -468,8 +488,8 @@ class Subject:
                         delta = torch.zeros_like(x, requires_grad=True)
                         self.write(s, x + delta)
                         saved[s.name], deltas[s.name] = x.detach(), delta
-                saved, deltas = _save(saved), _save(deltas)
-                logits = _save(logits)
+                saved, deltas = save(saved), save(deltas)
+                logits = save(logits)
             value = metric(logits, batch)
             value.sum().backward() if value.ndim else value.backward()
         finally:
@@ -505,7 +525,9 @@ class Subject:
         )
 
 
-def _save(obj):
+def save(obj):
+    """Inside a trace: keep ``obj`` (a tensor, or a dict / tuple of them) after the trace
+    ends (nnsight's ``save``)."""
     import nnsight
 
     return nnsight.save(obj)
@@ -637,4 +659,4 @@ def from_model(model: torch.nn.Module, tokenizer, *, name: str = "custom", eager
     return Subject(model, tokenizer, name=name)
 
 
-__all__ = ["Batch", "Subject", "load", "from_model", "FAMILIES"]
+__all__ = ["Batch", "Subject", "load", "from_model", "save", "FAMILIES"]

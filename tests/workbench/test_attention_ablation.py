@@ -20,15 +20,15 @@ def _manual(subject, batch, patch):
     return float(metrics.next_token_loss(subject.logits(batch, patch=patch), batch).mean())
 
 
-@pytest.mark.parametrize("method", ["zero", "mean", "resample"])
-def test_ablation_equals_a_hand_written_patch_and_controls_draw_other_heads(tiny, method):
+@pytest.mark.parametrize("replacement", ["zero", "mean", "resample"])
+def test_ablation_equals_a_hand_written_patch_and_controls_draw_other_heads(tiny, replacement):
     arch, subject = tiny
     batch = subject.tokenize(SAME_LEN)
-    r = ablate_heads(subject, batch, [(1, 2)], method=method, n_random=5, seed=3)
+    r = ablate_heads(subject, batch, [(1, 2)], replacement=replacement, n_random=5, seed=3)
     z = subject.cache(batch, ["z.1"])["z.1"]
-    if method == "zero":
+    if replacement == "zero":
         repl = torch.zeros_like(z[:, :, 2])
-    elif method == "mean":
+    elif replacement == "mean":
         m = batch.attention_mask[..., None].float()
         repl = ((z[:, :, 2] * m).sum((0, 1)) / m.sum((0, 1))).expand_as(z[:, :, 2])
     else:
@@ -45,17 +45,17 @@ def test_ablation_equals_a_hand_written_patch_and_controls_draw_other_heads(tiny
     assert all(len(d) == 1 and tuple(d[0]) != (1, 2) for d in r.attrs["control_heads"])
 
 
-@pytest.mark.parametrize("method", ["zero", "resample"])
-def test_batched_scan_equals_ablating_each_head_alone(tiny, method):
+@pytest.mark.parametrize("replacement", ["zero", "resample"])
+def test_batched_scan_equals_ablating_each_head_alone(tiny, replacement):
     arch, subject = tiny
     if not subject.has_logits:
         pytest.skip("no language-model head")
     batch = subject.tokenize(SAME_LEN)
-    scan = scan_heads(subject, batch, method=method, seed=1, max_bytes=1)  # one head per pass
-    scan_all = scan_heads(subject, batch, method=method, seed=1)  # all heads of a layer in one pass
+    scan = scan_heads(subject, batch, replacement=replacement, seed=1, max_bytes=1)  # one head per pass
+    scan_all = scan_heads(subject, batch, replacement=replacement, seed=1)  # every head in one pass
     for layer in range(subject.n_layers):
         for head in range(subject.n_heads):
-            one = ablate_heads(subject, batch, [(layer, head)], method=method, n_random=0, seed=1)
+            one = ablate_heads(subject, batch, [(layer, head)], replacement=replacement, n_random=0, seed=1)
             assert scan["effect"][layer, head] == pytest.approx(one.summary["effect"], abs=1e-5), (arch, layer, head)
     assert np.allclose(scan["effect"], scan_all["effect"], atol=1e-5)
     assert scan["attribution"].shape == (subject.n_layers, subject.n_heads)
@@ -70,7 +70,7 @@ def test_attribution_is_the_first_order_term_of_the_ablation(tiny):
     arch, small = tiny
     subject = from_model(make_tiny(arch, small.tokenizer).double(), small.tokenizer)  # float64: a clean derivative
     batch = subject.tokenize(SAME_LEN)
-    scan = scan_heads(subject, batch, method="zero")
+    scan = scan_heads(subject, batch, replacement="zero")
     eps = 1e-2
 
     def scaled(c):
@@ -138,9 +138,9 @@ def test_bad_input(tiny):
         ablate_heads(subject, SAME_LEN, [(9, 0)])
     with pytest.raises(WorkbenchError, match="head 7 out of range"):
         ablate_heads(subject, SAME_LEN, [(0, 7)])
-    with pytest.raises(WorkbenchError, match="unknown ablation method 'noise'.*zero"):
-        ablate_heads(subject, SAME_LEN, [(0, 0)], method="noise")
+    with pytest.raises(WorkbenchError, match="unknown ablation replacement 'noise'.*zero"):
+        ablate_heads(subject, SAME_LEN, [(0, 0)], replacement="noise")
     with pytest.raises(WorkbenchError, match="equal lengths"):
-        ablate_heads(subject, ["a b", "a b c d"], [(0, 0)], method="resample")
+        ablate_heads(subject, ["a b", "a b c d"], [(0, 0)], replacement="resample")
     with pytest.raises(WorkbenchError, match="unknown metric"):
         ablate_heads(subject, SAME_LEN, [(0, 0)], metric="accuracy")

@@ -53,8 +53,8 @@ def test_attribution_equals_exact_patching_when_linear(linear, pairs):
     clean, corrupted, metric = pairs
     saes = {"mlp_out.1": random_sae(32, 48, "mlp_out.1", seed=1)}
     exact = node_effects(linear, saes, clean, corrupted, metric, method="exact")
-    attrib = node_effects(linear, saes, clean, corrupted, metric, method="attrib")
-    ig = node_effects(linear, saes, clean, corrupted, metric, method="ig", steps=2)
+    attrib = node_effects(linear, saes, clean, corrupted, metric, method="attribution")
+    ig = node_effects(linear, saes, clean, corrupted, metric, method="ig", ig_steps=2)
     e = exact["effect"]
     assert np.abs(e).max() > 1e-3 and (np.abs(e) > 1e-6).sum() > 10
     np.testing.assert_allclose(attrib["effect"], e, atol=1e-4 * np.abs(e).max())
@@ -88,7 +88,7 @@ def test_ig_effects_add_up_to_the_site_effect(pairs, word_tokenizer):
     subject = from_model(make_tiny("llama", word_tokenizer, seed=1), word_tokenizer)
     site = "resid_post.0"
     sae = random_sae(32, 40, site, seed=5)
-    ig = node_effects(subject, {site: sae}, clean, corrupted, metric, method="ig", steps=24)
+    ig = node_effects(subject, {site: sae}, clean, corrupted, metric, method="ig", ig_steps=24)
     cb, xb = subject.tokenize(clean), subject.tokenize(corrupted)
     corrupt_act = subject.cache(xb, [site])[site]
     m_clean = float(metric(subject.logits(cb), cb).mean())

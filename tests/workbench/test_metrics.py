@@ -29,3 +29,20 @@ def test_next_token_loss_skips_padding():
     logits = torch.zeros(2, 4, 10)
     loss = metrics.next_token_loss(logits, b)
     assert torch.allclose(loss, torch.full((2,), float(torch.log(torch.tensor(10.0)))))
+
+
+def test_one_metric_protocol():
+    import pytest
+
+    from workbench.errors import WorkbenchError
+
+    b = _batch()
+    logits = torch.zeros(2, 4, 10)
+    logits[0, 2, 3] = 5.0
+    assert metrics.resolve_metric("loss") is metrics.next_token_loss
+    fn = lambda lg, bb: metrics.logit_diff(lg, bb, [3, 4], [1, 1])  # noqa: E731
+    assert metrics.resolve_metric(fn) is fn
+    assert float(metrics.mean_metric(fn, logits, b)) == 2.5  # (5 + 0) / 2
+    assert float(metrics.mean_metric(lambda lg, bb: metrics.correct(lg, bb, [3, 0]), logits, b)) == 1.0  # bools count
+    with pytest.raises(WorkbenchError, match="unknown metric 'accuracy'"):
+        metrics.resolve_metric("accuracy")

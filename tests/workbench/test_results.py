@@ -103,3 +103,30 @@ def test_scalar_variables_round_trip(tmp_path):
                data={"accuracy": (("layer",), [0.5, 0.75]), "zero_shot": ((), np.float64(0.25))})
     back = Result.load(r.save(tmp_path / "scalar.safetensors"))
     assert back["zero_shot"].shape == () and float(back["zero_shot"]) == 0.25 and back.equals(r)
+
+
+def test_zero_d_and_every_numeric_dtype_round_trip(tmp_path):
+    r = Result(
+        "scalars",
+        dims={"i": [0, 1]},
+        data={"total": ((), np.asarray(0.5)), "count": ((), np.asarray(3, dtype=np.int32)),
+              "half": (("i",), np.array([1.5, -2.0], dtype=np.float16)), "u": (("i",), np.array([1, 2], dtype=np.uint16)),
+              "f64": (("i",), np.array([np.pi, np.inf]))},
+    )
+    back = Result.load(r.save(tmp_path / "s.safetensors"))
+    assert back.equals(r)
+    assert back["total"].shape == () and float(back["total"]) == 0.5 and back["count"].dtype == np.int32
+    assert back["half"].dtype == np.float16 and back["u"].dtype == np.uint16 and back["f64"][0] == np.pi
+    # the file is a plain safetensors file: the library reads the same arrays
+    from safetensors.numpy import load_file
+
+    lib = load_file(str(tmp_path / "s.safetensors"))
+    assert np.array_equal(lib["half"], r["half"]) and float(lib["total"].reshape(())) == 0.5
+
+
+def test_save_replaces_a_result_atomically(tmp_path):
+    path = tmp_path / "r.safetensors"
+    _result().save(path)
+    r = Result("x", dims={"a": [0]}, data={"v": (("a",), [2.0])})
+    r.save(path)
+    assert Result.load(path).equals(r) and os.listdir(tmp_path) == ["r.safetensors"]

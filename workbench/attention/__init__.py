@@ -3,10 +3,11 @@ token attribution."""
 
 from workbench.attention.ablation import HeadAblation, HeadEffects, PruneCurve, ablate_heads, prune_curve, scan_heads
 from workbench.attention.attribution import TokenAttribution, token_attribution
-from workbench.attention.patterns import AttentionPatterns, attention_patterns, token_strings
+from workbench.attention.patterns import AttentionPatterns, attention_patterns
 from workbench.attention.probes import ProbeScores, probe
 from workbench.attention.retrieval import RetrievalScores, head_overlap, needle_prompts, retrieval_scores
 from workbench.attention.scores import KINDS, HeadScores, head_scores
+from workbench.tokens import token_strings
 
 __all__ = [
     "KINDS", "AttentionPatterns", "HeadAblation", "HeadEffects", "HeadScores", "ProbeScores", "PruneCurve",

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workbench.attention.patterns import token_strings
 from workbench.errors import WorkbenchError
 from workbench.results import Result, provenance, register
+from workbench.tokens import token_strings
 
 
 @register("token_attribution")

@@ -10,6 +10,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.memory import DEFAULT_BUDGET_BYTES, fmt_bytes, rows_per_batch
 from workbench.results import Result, provenance, register
+from workbench.tokens import token_strings
 
 
 @register("attention_patterns")
@@ -28,11 +29,6 @@ class AttentionPatterns(Result):
         li = self.coord("layer").index(layer)
         hi = self.coord("head").index(head)
         return self["pattern"][prompt, li, hi, :n, :n]
-
-
-def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Readable token strings (each id decoded on its own; not HTML-escaped)."""
-    return [tokenizer.decode([int(i)]) for i in ids]
 
 
 def attention_patterns(
@@ -74,8 +70,7 @@ def attention_patterns(
     sites = [f"pattern.{l}" for l in layers]
     for start in range(0, n, bs):
         sl = slice(start, start + bs)
-        batch = subject.as_batch({"input_ids": full.input_ids[sl], "attention_mask": full.attention_mask[sl],
-                                  **{k: v[sl] for k, v in full.extra.items()}})
+        batch = full[sl]
         acts = subject.cache(batch, sites)
         mask = batch.attention_mask.bool()
         keep = (mask[:, None, :, None] & mask[:, None, None, :]).float()

@@ -84,8 +84,7 @@ def _features(subject, inputs, labels, per: str, position: int | None, component
     ys, types = [], []
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        batch = subject.as_batch({"input_ids": full.input_ids[sl], "attention_mask": full.attention_mask[sl],
-                                  **{k: v[sl] for k, v in full.extra.items()}})
+        batch = full[sl]
         acts = subject.cache(batch, sites)
         lengths = batch.attention_mask.sum(-1).tolist()
         rows, cols = [], []

@@ -241,8 +241,7 @@ def head_scores(
         per = np.zeros((n, len(kinds), len(layers), subject.n_heads), dtype=np.float32)
         for start in range(0, n, bs):
             sl = slice(start, start + bs)
-            ids, mask = ids_all[sl], full.attention_mask[sl]
-            batch = subject.as_batch({"input_ids": ids, "attention_mask": mask, **{k: v[sl] for k, v in full.extra.items()}})
+            batch = subject.as_batch({**full[sl].kwargs(), "input_ids": ids_all[sl]})
             targets = target_masks(batch.input_ids, batch.attention_mask, kinds, pattern, convention=convention)
             acts = subject.cache(batch, sites)
             for li, s in enumerate(sites):

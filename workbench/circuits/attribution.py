@@ -4,17 +4,18 @@ and error nodes, circuit graphs, faithfulness and completeness.
 Every dictionary is spliced into its site as ``x = decode(f) + err`` with
 ``f = encode(x)`` and ``err = x - decode(f)``: the model's output is unchanged, and each
 feature and each site's error term becomes a node whose effect on a metric can be
-measured. For a clean / corrupted pair and a metric ``m(logits, batch)`` (on the clean
-run), a node ``a``'s indirect effect is the change in ``m`` when ``a`` takes its
+measured (the nodes ``Features(saes)`` of :mod:`workbench.effects`, which computes every
+effect here). For a clean / corrupted pair and a metric ``m(logits, batch)`` (on the
+clean run), a node ``a``'s indirect effect is the change in ``m`` when ``a`` takes its
 corrupted value:
 
-- ``attrib``  attribution patching, ``(a_corr - a_clean) . dm/da`` at the clean run:
-  one forward and one backward for every node at once;
-- ``ig``      integrated gradients along ``a_clean -> a_corr`` (per site, ``steps``
+- ``attribution``  attribution patching, ``(a_corr - a_clean) . dm/da`` at the clean
+  run: one forward and one backward for every node at once;
+- ``ig``      integrated gradients along ``a_clean -> a_corr`` (per site, ``ig_steps``
   points): exact for a site whose downstream is linear, and the effects of a site's
   nodes add up to the effect of corrupting the whole site;
-- ``exact``   activation patching, one forward per node (the ground truth to check the
-  others against).
+- ``exact``   activation patching, one batch copy per node (the ground truth to check
+  the others against).
 
 Effects are summed over positions and averaged over prompts: a node's effect is the change
 in the batch-mean metric when it is patched in every prompt. Edges link nodes of
@@ -24,19 +25,21 @@ per kept downstream node.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from workbench.circuits.buffer import check_vector_site, flat, unflat
+from workbench.effects import Features, NodeEffects, Patching, as_inputs, node_means, pair_batches
+from workbench.effects import effects as measure_effects
 from workbench.errors import WorkbenchError, one_of
-from workbench.memory import DEFAULT_BUDGET_BYTES, rows_per_batch
+from workbench.memory import DEFAULT_BUDGET_BYTES
+from workbench.metrics import Metric, mean_metric, resolve_metric
 from workbench.results import Result, provenance, register
-from workbench.subject import Batch, _save
+from workbench.subject import Batch, save
 
-Metric = Callable[[torch.Tensor, Batch], torch.Tensor]
-METHODS = ("attrib", "ig", "exact")
+METHODS = ("attribution", "ig", "exact")
 
 
 # ---------------------------------------------------------------------- inputs
@@ -53,34 +56,6 @@ def ordered_saes(subject, saes: Mapping[str, object]) -> dict[str, object]:
         sae.eval()
         out[s] = sae
     return {s.name: out[s] for s in sorted(out, key=lambda s: s.order())}
-
-
-def pair_batches(subject, clean, corrupted) -> tuple[Batch, Batch]:
-    """Tokenize clean and corrupted prompts; they must align token for token."""
-    c, x = subject.as_batch(_inputs(clean)), subject.as_batch(_inputs(corrupted))
-    if len(c) != len(x):
-        raise WorkbenchError(f"{len(c)} clean prompts but {len(x)} corrupted ones; pass one corrupted prompt per clean one")
-    lc, lx = c.attention_mask.sum(-1), x.attention_mask.sum(-1)
-    bad = (lc != lx).nonzero()
-    if len(bad) or c.input_ids.shape != x.input_ids.shape:
-        i = int(bad[0, 0]) if len(bad) else 0
-        raise WorkbenchError(
-            f"clean and corrupted prompts must have the same number of tokens (activations are patched position by "
-            f"position); pair {i} has {int(lc[i])} clean and {int(lx[i])} corrupted tokens"
-        )
-    return c, x
-
-
-def _inputs(inputs):
-    """Prompt columns (a datasets Column, a tuple, a generator) become lists of strings."""
-    if isinstance(inputs, (Batch, torch.Tensor, Mapping, str, list)):
-        return inputs
-    return list(inputs)
-
-
-def _metric_value(metric: Metric, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    v = metric(logits, batch)
-    return v.mean() if v.ndim else v
 
 
 def node_names(sites: Sequence[str], widths: Sequence[int]) -> list[str]:
@@ -117,12 +92,13 @@ def spliced_run(subject, batch: Batch, saes: Mapping[str, object], *, edit=None,
             subject.write(s, unflat(sae.decode(f) + err, s, subject))
             nodes[site] = (f, err)
         logits = subject.read("logits")
-        nodes, lv, logits = _save(nodes), _save(lv), _save(logits)
+        nodes, lv, logits = save(nodes), save(lv), save(logits)
     return nodes, lv, logits
 
 
 @torch.no_grad()
-def _values(subject, batch, saes):
+def node_values(subject, batch, saes):
+    """({site: (features, error)} node values, logits) of ``batch`` with the SAEs spliced in."""
     nodes, _, logits = spliced_run(subject, batch, saes)
     return {k: (f.detach(), e.detach()) for k, (f, e) in nodes.items()}, logits
 
@@ -130,161 +106,43 @@ def _values(subject, batch, saes):
 # ---------------------------------------------------------------------- node effects
 
 
-@register("node_effects")
-class NodeEffects(Result):
-    """Effect of each node (SAE feature or a site's error term) on a metric.
-
-    Dimension ``node`` named ``site/feature`` or ``site/err``; variables ``effect``,
-    ``site`` (index into ``attrs['sites']``) and ``feature`` (-1 for error nodes)."""
-
-    def at(self, site: str) -> np.ndarray:
-        """Effects of ``site``'s features (error node last)."""
-        i = self.attrs["sites"].index(site)
-        return self["effect"][self["site"] == i]
-
-    def top(self, n: int = 10) -> list[tuple[str, float]]:
-        order = np.argsort(-np.abs(self["effect"]))[:n]
-        names = self.coord("node")
-        return [(names[i], float(self["effect"][i])) for i in order]
-
-
-def _effects_result(subject, saes, per_site: dict[str, tuple[torch.Tensor, torch.Tensor]], attrs, params):
-    sites = list(saes)
-    widths = [saes[s].d_sae for s in sites]
-    effect = np.concatenate([np.append(per_site[s][0].cpu().numpy(), float(per_site[s][1])) for s in sites])
-    site_idx = np.concatenate([np.full(w + 1, i) for i, w in enumerate(widths)])
-    feature = np.concatenate([np.append(np.arange(w), -1) for w in widths])
-    return NodeEffects(
-        dims={"node": node_names(sites, widths)},
-        data={"effect": (("node",), effect.astype(np.float64)), "site": (("node",), site_idx.astype(np.int64)),
-              "feature": (("node",), feature.astype(np.int64))},
-        attrs={**attrs, "sites": sites, "widths": widths}, provenance=provenance(subject, params=params),
-    )
-
-
 def node_effects(
     subject,
     saes: Mapping[str, object],
     clean,
     corrupted,
-    metric: Metric,
+    metric: str | Metric,
     *,
-    method: str = "attrib",
-    steps: int = 10,
+    method: str = "attribution",
+    ig_steps: int = 10,
     features: Mapping[str, Sequence[int]] | None = None,
     max_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> NodeEffects:
     """Effect on ``metric`` of moving each node from its clean to its corrupted value.
 
-    ``method``: ``"attrib"``, ``"ig"`` (``steps`` points) or ``"exact"`` (one forward per
-    node; ``features`` limits it to some features per site, the rest reported as NaN,
-    and features whose value does not change are 0 without a forward).
+    ``method``: ``"attribution"``, ``"ig"`` (``ig_steps`` points) or ``"exact"`` (one
+    batch copy per node; ``features`` limits it to some features per site, the rest
+    reported as NaN, and features whose value does not change are 0 without a forward).
+    ``attrs``: ``metric_clean`` and ``metric_corrupted`` besides the engine's.
     """
     if method not in METHODS:
         raise one_of("attribution method", method, METHODS)
-    if steps < 1:
-        raise WorkbenchError(f"steps must be >= 1, got {steps}")
+    if ig_steps < 1:
+        raise WorkbenchError(f"ig_steps must be >= 1, got {ig_steps}")
     saes = ordered_saes(subject, saes)
-    cb, xb = pair_batches(subject, clean, corrupted)
-    corr, corr_logits = _values(subject, xb, saes)
-    n = len(cb)
-    params = {"method": method, "steps": steps, "sites": list(saes), "n": n}
-    if method == "attrib":
-        per_site, m_clean = _attrib(subject, saes, cb, corr, metric)
-    elif method == "ig":
-        per_site, m_clean = _ig(subject, saes, cb, corr, metric, steps)
-    else:
-        per_site, m_clean = _exact(subject, saes, cb, corr, metric, features, max_bytes)
-    m_corr = float(_metric_value(metric, corr_logits, cb))
-    return _effects_result(subject, saes, per_site, {**params, "metric_clean": m_clean, "metric_corrupted": m_corr},
-                           params)
-
-
-def _attrib(subject, saes, cb, corr, metric):
-    nodes, lv, logits = spliced_run(subject, cb, saes, leaves=True)
-    m = _metric_value(metric, logits, cb)
-    m.backward()
-    n = len(cb)
-    out = {}
-    for site, (df, de) in lv.items():
-        f, e = nodes[site]
-        dfv = corr[site][0] - f.detach()
-        dev = corr[site][1] - e.detach()
-        gf = df.grad if df.grad is not None else torch.zeros_like(df)
-        ge = de.grad if de.grad is not None else torch.zeros_like(de)
-        out[site] = ((dfv * gf).sum((0, 1)), (dev * ge).sum())  # dm (of the batch mean) already has 1/n
-    return out, float(m.detach())
-
-
-def _ig(subject, saes, cb, corr, metric, steps):
-    clean, logits = _values(subject, cb, saes)
-    m_clean = float(_metric_value(metric, logits, cb))
-    n = len(cb)
-    out = {}
-    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint rule
-    for site in saes:
-        fc, ec = clean[site]
-        fx, ex = corr[site]
-        gsum_f, gsum_e = torch.zeros_like(fc), torch.zeros_like(ec)
-        for a in alphas.tolist():
-            fi, ei = fc + a * (fx - fc), ec + a * (ex - ec)
-            _, lv, lg = spliced_run(subject, cb, {site: saes[site]}, leaves=True,
-                                    edit={site: lambda f, e, fi=fi, ei=ei: (fi, ei)})
-            _metric_value(metric, lg, cb).backward()
-            df, de = lv[site]
-            gsum_f += df.grad if df.grad is not None else 0
-            gsum_e += de.grad if de.grad is not None else 0
-        out[site] = (((fx - fc) * gsum_f / steps).sum((0, 1)), ((ex - ec) * gsum_e / steps).sum())
-    return out, m_clean
-
-
-@torch.no_grad()
-def _exact(subject, saes, cb, corr, metric, features, max_bytes):
-    clean, logits = _values(subject, cb, saes)
-    m0 = _metric_value(metric, logits, cb)
-    n, p = cb.input_ids.shape
-    out = {}
-    for site, sae in saes.items():
-        s = subject.site(site)
-        fc, ec = clean[site]
-        fx, ex = corr[site]
-        xc = sae.decode(fc) + ec  # the clean activation (flat)
-        delta = fx - fc
-        eff = torch.full((sae.d_sae,), float("nan"), dtype=torch.float64)
-        wanted = range(sae.d_sae) if features is None or site not in features else features[site]
-        todo = []
-        for j in wanted:
-            if not 0 <= int(j) < sae.d_sae:
-                raise WorkbenchError(f"feature {j} out of range for the SAE at {site} (0..{sae.d_sae - 1})")
-            if bool((delta[..., int(j)] == 0).all()):
-                eff[int(j)] = 0.0
-            else:
-                todo.append(int(j))
-        # patch several features per forward: the batch repeated, one copy per feature
-        per_copy = n * p * (xc.shape[-1] * 4 * 8 + subject.d_vocab * 4)
-        chunk = rows_per_batch(per_copy, max_bytes, max(1, len(todo)))
-        for start in range(0, len(todo), chunk):
-            js = todo[start : start + chunk]
-            new = xc[None] + delta[..., js].permute(2, 0, 1)[..., None] * sae.W_dec[js][:, None, None, :]
-            vals = _patched_metrics(subject, cb, site, new, metric)
-            for j, v in zip(js, vals):
-                eff[j] = float(v - m0)
-        # the error node
-        new = (xc - ec + ex)[None]
-        err_eff = _patched_metrics(subject, cb, site, new, metric)[0] - m0
-        out[site] = (eff, err_eff)
-    return out, float(m0)
-
-
-def _patched_metrics(subject, cb: Batch, site: str, new: torch.Tensor, metric) -> list[float]:
-    """Metric with ``site`` set to each of ``new`` [copies, batch, pos, width]."""
-    c = new.shape[0]
-    big = Batch(cb.input_ids.repeat(c, 1), cb.attention_mask.repeat(c, 1), {k: v.repeat(c, 1) for k, v in cb.extra.items()})
-    s = subject.site(site)
-    value = unflat(new.reshape(-1, *new.shape[2:]), s, subject)
-    logits = subject.logits(big, patch={site: value})
-    n = len(cb)
-    return [float(_metric_value(metric, logits[i * n : (i + 1) * n], cb)) for i in range(c)]
+    only = None
+    if features is not None:
+        only = []
+        for site, sae in saes.items():
+            wanted = features.get(site, range(sae.d_sae))
+            for j in wanted:
+                if not 0 <= int(j) < sae.d_sae:
+                    raise WorkbenchError(f"feature {j} out of range for the SAE at {site} (0..{sae.d_sae - 1})")
+            only += [f"{site}/{int(j)}" for j in wanted] + [f"{site}/err"]
+    r = measure_effects(subject, clean, Features(saes), metric, method=method, replacement="corrupted", corrupted=corrupted,
+                ig_steps=ig_steps, only=only, max_bytes=max_bytes)
+    r.attrs.update({"metric_clean": r.attrs["base"], "widths": [sae.d_sae for sae in saes.values()]})
+    return r
 
 
 # ---------------------------------------------------------------------- circuits
@@ -327,32 +185,32 @@ def find_circuit(
     saes: Mapping[str, object],
     clean,
     corrupted,
-    metric: Metric,
+    metric: str | Metric,
     *,
     node_threshold: float = 0.1,
     edge_threshold: float = 0.01,
-    method: str = "attrib",
-    steps: int = 10,
+    method: str = "attribution",
+    ig_steps: int = 10,
     effects: NodeEffects | None = None,
 ) -> CircuitGraph:
     """Node effects (``method``), then edges by vector-Jacobian products between the nodes
     of consecutive sites whose |effect| >= ``node_threshold``; edges with |weight| <
     ``edge_threshold`` are dropped. Pass ``effects`` to reuse computed node effects."""
     saes = ordered_saes(subject, saes)
+    metric = resolve_metric(metric)
     cb, xb = pair_batches(subject, clean, corrupted)
     if effects is None:
-        effects = node_effects(subject, saes, cb, xb, metric, method=method, steps=steps)
+        effects = node_effects(subject, saes, cb, xb, metric, method=method, ig_steps=ig_steps)
     elif effects.attrs["sites"] != list(saes):
         raise WorkbenchError(f"effects were computed for sites {effects.attrs['sites']}, not {list(saes)}")
     eff = effects["effect"]
-    corr, _ = _values(subject, xb, saes)
+    corr, _ = node_values(subject, xb, saes)
     nodes, lv, logits = spliced_run(subject, cb, saes, leaves=True)
-    m = _metric_value(metric, logits, cb)
-    grads = {}
-    (m.backward(retain_graph=True))
-    for site, (df, de) in lv.items():
-        grads[site] = (df.grad.detach().clone() if df.grad is not None else torch.zeros_like(df),
-                       de.grad.detach().clone() if de.grad is not None else torch.zeros_like(de))
+    m = mean_metric(metric, logits, cb)
+    flat_leaves = [t for site in lv for t in lv[site]]
+    g = torch.autograd.grad(m, flat_leaves, retain_graph=True, allow_unused=True)
+    g = [torch.zeros_like(t) if gi is None else gi.detach() for t, gi in zip(flat_leaves, g)]
+    grads = {site: (g[2 * i], g[2 * i + 1]) for i, site in enumerate(lv)}
     sites = list(saes)
     offsets = np.cumsum([0] + [saes[s].d_sae + 1 for s in sites])
     n = len(cb)
@@ -401,63 +259,48 @@ def find_circuit(
 # ---------------------------------------------------------------------- faithfulness
 
 
-@torch.no_grad()
-def feature_means(subject, saes: Mapping[str, object], prompts, *, keep_first: bool = True) -> dict[str, tuple]:
+def feature_means(subject, saes: Mapping[str, object], prompts, *, skip_first: bool = True) -> dict[str, tuple]:
     """Mean of each feature and of each site's error vector over the real tokens of
-    ``prompts`` (position 0 left out when ``keep_first``): the values mean-ablation uses."""
+    ``prompts`` (position 0 left out with ``skip_first``): the values mean-ablation uses."""
     saes = ordered_saes(subject, saes)
-    batch = subject.as_batch(_inputs(prompts))
-    nodes, _ = _values(subject, batch, saes)
-    mask = batch.attention_mask.bool().clone()
-    if keep_first:
-        mask[:, 0] = False
-    return {s: (f[mask].mean(0), e[mask].mean(0)) for s, (f, e) in nodes.items()}
+    return node_means(subject, prompts, Features(saes), skip_first=skip_first)
 
 
-def _keep_masks(saes, circuit: Mapping[str, Sequence]) -> dict[str, tuple[torch.Tensor, bool]]:
-    out = {}
+def circuit_nodes(saes, circuit: Mapping[str, Sequence], *, complement: bool = False) -> list[str]:
+    """Names of the nodes outside ``circuit`` ({site: feature indices and "err"}), or
+    inside it when ``complement``."""
+    unknown = [s for s in circuit if s not in saes]
+    if unknown:
+        raise one_of("circuit site", unknown[0], list(saes))
+    out = []
     for site, sae in saes.items():
         chosen = circuit.get(site, [])
         feats = [j for j in chosen if j != "err"]
         bad = [j for j in feats if not 0 <= int(j) < sae.d_sae]
         if bad:
             raise WorkbenchError(f"features {bad} out of range for the SAE at {site} (0..{sae.d_sae - 1})")
-        keep = torch.zeros(sae.d_sae, dtype=torch.bool)
+        keep = np.zeros(sae.d_sae + 1, dtype=bool)
         keep[[int(j) for j in feats]] = True
-        out[site] = (keep, "err" in chosen)
-    unknown = [s for s in circuit if s not in saes]
-    if unknown:
-        raise one_of("circuit site", unknown[0], list(saes))
+        keep[sae.d_sae] = "err" in chosen
+        pick = keep if complement else ~keep
+        out += [f"{site}/{'err' if j == sae.d_sae else j}" for j in np.nonzero(pick)[0]]
     return out
 
 
+def _mean_patching(subject, saes, batch, means, skip_first: bool) -> Patching:
+    return Patching(subject, batch, Features(saes), replacement={s: means[s] for s in saes}, skip_first=skip_first)
+
+
 @torch.no_grad()
-def ablated_metric(subject, saes, batch, metric: Metric, circuit: Mapping[str, Sequence], means, *,
-                   complement: bool = False, keep_first: bool = True) -> float:
+def ablated_metric(subject, saes, batch, metric: str | Metric, circuit: Mapping[str, Sequence], means, *,
+                   complement: bool = False, skip_first: bool = True) -> float:
     """Metric with every node outside ``circuit`` (inside it, when ``complement``) set to its
-    mean. ``circuit`` maps sites to feature indices and "err"."""
-    keeps = _keep_masks(saes, circuit)
-
-    def editor(site):
-        keep_f, keep_e = keeps[site]
-        mf, me = means[site]
-
-        def edit(f, e):
-            kf = keep_f.to(f.device)
-            ke = keep_e
-            if complement:
-                kf, ke = ~kf, not ke
-            pos = torch.ones(f.shape[:2], dtype=torch.bool, device=f.device)
-            if keep_first:
-                pos[:, 0] = False  # position 0 is never ablated
-            f2 = torch.where(kf | ~pos[..., None], f, mf.to(f.dtype))
-            e2 = e if ke else torch.where(pos[..., None], me.to(e.dtype).expand_as(e), e)
-            return f2, e2
-
-        return edit
-
-    _, _, logits = spliced_run(subject, batch, saes, edit={s: editor(s) for s in saes})
-    return float(_metric_value(metric, logits, batch))
+    mean (position 0 never ablated with ``skip_first``). ``circuit`` maps sites to feature
+    indices and "err"."""
+    saes = ordered_saes(subject, saes)
+    ablate = circuit_nodes(saes, circuit, complement=complement)
+    pt = _mean_patching(subject, saes, as_inputs(batch), means, skip_first)
+    return float(pt.patched_metrics([ablate], resolve_metric(metric))[0])
 
 
 @register("faithfulness")
@@ -469,21 +312,23 @@ def faithfulness(
     subject,
     saes: Mapping[str, object],
     clean,
-    metric: Metric,
+    metric: str | Metric,
     effects: NodeEffects,
     *,
     thresholds: Sequence[float] | None = None,
     means=None,
-    keep_first: bool = True,
+    skip_first: bool = True,
+    max_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> Faithfulness:
     """For each node threshold: the circuit of nodes with |effect| >= threshold, its size,
     its faithfulness ``(m(C) - m(empty)) / (m(M) - m(empty))`` with everything outside C
     mean-ablated, and the faithfulness of its complement (``completeness``: near 0 when
-    the circuit holds all that matters)."""
+    the circuit holds all that matters). Every ablated run is one batch copy."""
     saes = ordered_saes(subject, saes)
-    batch = subject.as_batch(_inputs(clean))
+    metric = resolve_metric(metric)
+    batch = subject.as_batch(as_inputs(clean))
     if means is None:
-        means = feature_means(subject, saes, batch, keep_first=keep_first)
+        means = feature_means(subject, saes, batch, skip_first=skip_first)
     sites = effects.attrs["sites"]
     if sites != list(saes):
         raise WorkbenchError(f"effects were computed for sites {sites}, not {list(saes)}")
@@ -492,25 +337,30 @@ def faithfulness(
         positive = np.sort(eff[eff > 0])[::-1]
         picks = np.unique(np.geomspace(1, max(1, len(positive)), 12).astype(int)) - 1 if len(positive) else []
         thresholds = [float(positive[i]) for i in picks] + [0.0]
-    _, _, logits = spliced_run(subject, batch, saes)
-    m_full = float(_metric_value(metric, logits, batch))
-    m_empty = ablated_metric(subject, saes, batch, metric, {}, means, keep_first=keep_first)
-    gap = m_full - m_empty
-    rows = {"size": [], "metric": [], "faithfulness": [], "complement_metric": [], "completeness": []}
+    circuits = []
     for t in thresholds:
         keep = eff >= t if t > 0 else np.ones_like(eff, dtype=bool)
         circuit: dict[str, list] = {s: [] for s in sites}
         for i in np.nonzero(keep)[0]:
             f = int(effects["feature"][i])
             circuit[sites[int(effects["site"][i])]].append("err" if f < 0 else f)
-        mc = ablated_metric(subject, saes, batch, metric, circuit, means, keep_first=keep_first)
-        mcc = ablated_metric(subject, saes, batch, metric, circuit, means, complement=True, keep_first=keep_first)
-        rows["size"].append(int(keep.sum()))
+        circuits.append((int(keep.sum()), circuit))
+    pt = _mean_patching(subject, saes, batch, means, skip_first)
+    sets = [circuit_nodes(saes, {})]
+    for _, circuit in circuits:
+        sets += [circuit_nodes(saes, circuit), circuit_nodes(saes, circuit, complement=True)]
+    values = pt.patched_metrics(sets, metric, max_bytes=max_bytes)
+    m_full, m_empty = pt.base(metric), float(values[0])
+    gap = m_full - m_empty
+    rows = {"size": [], "metric": [], "faithfulness": [], "complement_metric": [], "completeness": []}
+    for i, (size, _) in enumerate(circuits):
+        mc, mcc = float(values[1 + 2 * i]), float(values[2 + 2 * i])
+        rows["size"].append(size)
         rows["metric"].append(mc)
         rows["faithfulness"].append((mc - m_empty) / gap if gap else float("nan"))
         rows["complement_metric"].append(mcc)
         rows["completeness"].append((mcc - m_empty) / gap if gap else float("nan"))
-    params = {"thresholds": list(thresholds), "sites": sites}
+    params = {"thresholds": list(thresholds), "sites": sites, "skip_first": skip_first}
     return Faithfulness(
         dims={"threshold": [float(t) for t in thresholds]},
         data={k: (("threshold",), np.asarray(v, dtype=np.float64)) for k, v in rows.items()},

@@ -15,13 +15,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from workbench.circuits.attribution import (
-    Metric, _inputs, ordered_saes, spliced_run,
-)
+from workbench.circuits.attribution import Metric, ordered_saes, spliced_run
 from workbench.circuits.buffer import flat, token_mask, unflat
 from workbench.circuits.evaluation import resolve_site
 from workbench.errors import WorkbenchError
+from workbench.effects import as_inputs
 from workbench.results import Result, provenance, register
+from workbench.tokens import token_strings
 
 
 def _check_feature(sae, feature: int) -> int:
@@ -68,8 +68,6 @@ def feature_summary(
     batch_size: int = 32,
 ) -> FeatureSummary:
     """Dashboard data for ``feature`` of ``sae`` over ``texts``."""
-    from workbench.attention.patterns import token_strings
-
     site = resolve_site(subject, sae, site)
     j = _check_feature(sae, feature)
     texts = list(texts)
@@ -199,7 +197,7 @@ def steer(
     j = _check_feature(sae, feature)
     if positions not in ("all", "last"):
         raise WorkbenchError(f"positions must be 'all' or 'last', got {positions!r}")
-    batch = subject.as_batch(_inputs(prompts))
+    batch = subject.as_batch(as_inputs(prompts))
     s = subject.site(site)
     direction = sae.W_dec[j].detach()
     mask = batch.attention_mask.bool() if positions == "all" else torch.zeros_like(batch.attention_mask, dtype=torch.bool)
@@ -239,7 +237,7 @@ def ablate_features(
     unknown = [s for s in features if subject.site(s).name not in saes]
     if unknown:
         raise WorkbenchError(f"no SAE given for site {unknown[0]!r}; sites with SAEs: {list(saes)}")
-    batch = subject.as_batch(_inputs(prompts))
+    batch = subject.as_batch(as_inputs(prompts))
     if value == "mean" and means is None:
         from workbench.circuits.attribution import feature_means
 

@@ -14,9 +14,9 @@ layer beside the zero-shot and full in-context baselines.
 :func:`function_vector` takes the mean output of every head at the last token over
 in-context prompts (``z.L``), then its causal indirect effect: the mean output of head
 (L, h) is written into that head on prompts whose demonstration labels are shuffled, and
-the rise in the probability of the correct answer is measured. All heads are patched in
-one batched forward (the corrupted batch repeated once per head, each copy patching one
-head), not one forward per head. The function vector is the sum of the top-k heads' mean
+the rise in the probability of the correct answer is measured: the exact effects of
+:mod:`workbench.effects` (the corrupted batch repeated once per head, each copy patching
+one head), not one forward per head. The function vector is the sum of the top-k heads' mean
 outputs projected through W_O; :func:`fv_accuracy` adds it to the residual entering layer
 L at the last token of zero-shot prompts and scores accuracy against k and L.
 
@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from workbench.data import DEFAULT_FORMAT, answer_token_ids, get_task, icl_prompts, zero_shot_prompts
+from workbench.effects import Heads, Patching
 from workbench.errors import WorkbenchError
-from workbench.memory import DEFAULT_BUDGET_BYTES, rows_per_batch
+from workbench.memory import DEFAULT_BUDGET_BYTES
 from workbench.results import Result, provenance, register
 
 
@@ -262,52 +263,34 @@ def indirect_effects(
 ) -> tuple[torch.Tensor, float]:
     """Indirect effect of every head [layer, head] and p(answer) on the corrupted batch.
 
-    ``batched=True``: the corrupted batch is repeated once per head and each copy patches
-    its own head (heads split into chunks that fit ``max_bytes``); ``batched=False``:
-    the sequential reference, one forward per head.
+    ``batched=True``: the exact effects of :mod:`workbench.effects`, each head's output at
+    the last token replaced by its mean ``mean_z`` (the corrupted batch repeated once per
+    head, as many copies per forward as fit ``max_bytes``); ``batched=False``: the
+    sequential reference, one forward per head.
     """
     L, H = subject.n_layers, subject.n_heads
-    n, p = corrupted.input_ids.shape
-    base_p = _answer_probs(subject.logits(corrupted), corrupted, answers)
-    heads = [(l, h) for l in range(L) for h in range(H)]
-    ie = torch.zeros(L, H)
-    if not batched:
-        for l, h in heads:
-            rows, last = _last_rows(corrupted)
+    answers = answers.to(corrupted.input_ids.device)
 
+    def p_answer(logits, batch):
+        return _answer_probs(logits, batch, answers)
+
+    if batched:
+        pt = Patching(subject, corrupted, Heads(), replacement={f"z.{l}": mean_z[l] for l in range(L)},
+                      positions="last")
+        ie = pt.exact(p_answer, max_bytes=max_bytes)
+        return torch.tensor(ie, dtype=torch.float32).reshape(L, H), pt.base(p_answer)
+    base_p = p_answer(subject.logits(corrupted), corrupted)
+    rows, last = _last_rows(corrupted)
+    ie = torch.zeros(L, H)
+    for l in range(L):
+        for h in range(H):
             def fn(x, h=h, l=l):
                 x = x.clone()
                 x[rows, last, h] = mean_z[l, h].to(x.dtype)
                 return x
 
-            probs = _answer_probs(subject.logits(corrupted, patch={f"z.{l}": fn}), corrupted, answers)
+            probs = p_answer(subject.logits(corrupted, patch={f"z.{l}": fn}), corrupted)
             ie[l, h] = (probs - base_p).mean()
-        return ie, float(base_p.mean())
-    per_copy = n * p * (subject.d_model * 8 + subject.d_vocab) * 4
-    chunk = rows_per_batch(per_copy, max_bytes, len(heads))
-    for start in range(0, len(heads), chunk):
-        group = heads[start:start + chunk]
-        g = len(group)
-        big = subject.as_batch({"input_ids": corrupted.input_ids.repeat(g, 1),
-                                "attention_mask": corrupted.attention_mask.repeat(g, 1),
-                                **{k: v.repeat(g, 1) for k, v in corrupted.extra.items()}})
-        rows, last = _last_rows(big)
-        patch = {}
-        for l in sorted({l for l, _ in group}):
-            copies = [i for i, (ll, _) in enumerate(group) if ll == l]
-            r = torch.cat([torch.arange(i * n, (i + 1) * n) for i in copies]).to(rows.device)
-            hh = torch.tensor([group[i][1] for i in copies]).repeat_interleave(n).to(rows.device)
-            vals = mean_z[l][hh]
-
-            def fn(x, r=r, hh=hh, vals=vals):
-                x = x.clone()
-                x[r, last[r], hh] = vals.to(x.dtype)
-                return x
-
-            patch[f"z.{l}"] = fn
-        probs = _answer_probs(subject.logits(big, patch=patch), big, answers.repeat(g))
-        for i, (l, h) in enumerate(group):
-            ie[l, h] = (probs[i * n:(i + 1) * n] - base_p).mean()
     return ie, float(base_p.mean())
 
 

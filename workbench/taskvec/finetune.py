@@ -6,11 +6,13 @@ minutes on a CPU, and returns the fine-tuned state dict: a real checkpoint to ta
 task vector from.
 
 :class:`MergeEvaluator` holds everything a merge's evaluation can reuse: the base
-parameters, each task vector as dense tensors, TIES-trimmed and DARE-dropped versions
-per setting, and the tokenized zero-shot prompts of every task. ``evaluator.accuracy(
+parameters, each task vector as dense tensors, TIES trim thresholds and DARE drop
+masks per setting, and the tokenized zero-shot prompts of every task. ``evaluator.accuracy(
 "ties", weights, density=0.2)`` merges and scores per-task top-1 accuracy without
 touching the model's own weights (``torch.func.functional_call``), fast enough for a
-slider. ``normalized_accuracy`` divides by each fine-tuned model's own accuracy.
+slider. The merge is :func:`workbench.taskvec.merge`'s own arithmetic
+(:func:`~workbench.taskvec.merging.merge_tensor`), so the model a slider shows is the
+one ``merge`` writes, entry for entry. ``normalized_accuracy`` divides by each fine-tuned model's own accuracy.
 
 :func:`learn_coefficients` is aTLAS ("Knowledge Composition using Task Vectors with
 Learned Anisotropic Scaling"): one coefficient per (block, task vector), trained by
@@ -26,12 +28,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from workbench.blocks import block_of, block_order
 from workbench.data import finetune_data, get_task, zero_shot_prompts
 from workbench.errors import WorkbenchError
 from workbench.results import Result, provenance, register
-from workbench.taskvec.weights import (
-    METHODS, TaskVector, _key_seed, _weights_for, block_of, _block_order, dare_drop, elect_and_mean, trim_topk,
+from workbench.taskvec.merging import (
+    DARE_METHODS, check_merge_params, dare_keep, default_normalize, merge_tensor, trim_threshold, weights_for,
 )
+from workbench.taskvec.vectors import TaskVector
 
 
 def _answer_loss(logits: torch.Tensor, last: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
@@ -41,7 +45,7 @@ def _answer_loss(logits: torch.Tensor, last: torch.Tensor, answers: torch.Tensor
 
 def finetune(
     subject,
-    task: str,
+    task: str | Sequence[str],
     *,
     steps: int = 50,
     lr: float = 1e-4,
@@ -54,32 +58,45 @@ def finetune(
     """Fine-tune a copy of ``subject``'s model on ``task`` (all parameters, AdamW,
     answer-token cross-entropy on zero-shot prompts of ``split``); return its state dict.
 
-    Seeded: the same seed gives the same weights on the CPU. The subject's own model is
-    not changed.
+    ``task`` may be a list of tasks: co-training, with batches alternating between the
+    tasks and ``steps`` steps on *each* (``len(task) * steps`` in all), so every task gets
+    exactly the updates it gets alone. Seeded: the same seed gives the same weights on the
+    CPU. The subject's own model is not changed.
     """
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise WorkbenchError(f"need steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
-    get_task(task)
-    ds = finetune_data(task, split=split, tokenizer=subject.tokenizer)
-    if len(ds) == 0:
-        raise WorkbenchError(f"task {task!r} has no examples in split {split!r} that this tokenizer can score")
-    batch = subject.tokenize(ds["prompt"])
-    answers = torch.tensor(ds["answer_id"], device=batch.input_ids.device)
+    tasks = [task] if isinstance(task, str) else list(task)
+    if not tasks:
+        raise WorkbenchError("no task to fine-tune on; pass a task name or a list of them")
+    if len(set(tasks)) != len(tasks):
+        raise WorkbenchError(f"tasks must be distinct, got {tasks}")
+    data = []
+    for t in tasks:
+        get_task(t)
+        ds = finetune_data(t, split=split, tokenizer=subject.tokenizer)
+        if len(ds) == 0:
+            raise WorkbenchError(f"task {t!r} has no examples in split {split!r} that this tokenizer can score")
+        batch = subject.tokenize(ds["prompt"])
+        data.append((batch, torch.tensor(ds["answer_id"], device=batch.input_ids.device)))
     model = copy.deepcopy(subject.model)
     model.train()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    it = range(steps)
+    it = range(steps * len(tasks))
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"fine-tune {task}")
-    n = len(ds)
-    for _ in it:
+        it = tqdm(it, desc=f"fine-tune {'+'.join(tasks)}")
+    for i in it:
+        batch, answers = data[i % len(tasks)]
+        n = len(batch)
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         out = model(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx])
         loss = _answer_loss(out.logits, batch.last[idx], answers[idx])
+        if not torch.isfinite(loss):
+            raise WorkbenchError(f"fine-tuning loss became {float(loss)} at step {i} (task {tasks[i % len(tasks)]!r}); "
+                                 "lower lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -130,51 +147,51 @@ class MergeEvaluator:
             ds = zero_shot_prompts(t, size, split=split, seed=seed, tokenizer=subject.tokenizer)
             b = subject.tokenize(ds["prompt"])
             self._batches[t] = (b, torch.tensor(ds["answer_id"], device=b.input_ids.device))
-        self._trimmed: dict[tuple, dict[str, torch.Tensor]] = {}
-        self._dropped: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._threshold_cache: dict[tuple, dict[str, float | None]] = {}
+        self._keep_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.split, self.n, self.seed = split, n, seed
 
     # -------------------------------------------------------------- merging
 
-    def _deltas(self, name: str, method: str, density: float, p: float, seed: int) -> dict[str, torch.Tensor]:
-        if method == "ties" and density < 1.0:
-            key = (name, density)
-            if key not in self._trimmed:
-                self._trimmed[key] = {k: trim_topk(d, density) for k, d in self.dense[name].items()}
-            return self._trimmed[key]
-        if method in ("dare", "dare_ties") and p > 0.0:
-            key = (name, p, seed)
-            if key not in self._dropped:
-                t = self.names.index(name)
-                self._dropped[key] = {k: dare_drop(d, p, torch.Generator().manual_seed(_key_seed(seed, k, t)))
-                                      for k, d in self.dense[name].items()}
-            return self._dropped[key]
-        return self.dense[name]
+    def _thresholds(self, name: str, density: float) -> dict[str, float | None]:
+        """TIES trim thresholds of one task vector (cached per density: the selection is
+        the costly part of a trim)."""
+        key = (name, density)
+        if key not in self._threshold_cache:
+            self._threshold_cache[key] = {k: trim_threshold(d, density) for k, d in self.dense[name].items()}
+        return self._threshold_cache[key]
+
+    def _keeps(self, name: str, p: float, seed: int) -> dict[str, torch.Tensor]:
+        """DARE keep masks of one task vector (cached per p and seed): the same masks
+        ``merge`` draws for the task vector at this position."""
+        key = (name, p, seed)
+        if key not in self._keep_cache:
+            t = self.names.index(name)
+            self._keep_cache[key] = {k: dare_keep(d.numel(), p, seed=seed, key=k, t=t) for k, d in self.dense[name].items()}
+        return self._keep_cache[key]
 
     def merged(self, method: str = "task_arithmetic", weights: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
                *, lam: float = 1.0, density: float = 1.0, p: float = 0.0, seed: int = 0,
                normalize: bool | None = None) -> dict[str, torch.Tensor]:
-        """The merged parameters (same definitions as :func:`workbench.taskvec.merge`)."""
-        if method not in METHODS:
-            raise WorkbenchError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
+        """The merged parameters: ``merge(base, task vectors, method, ...)`` entry for entry
+        (both call :func:`workbench.taskvec.merging.merge_tensor` with the same trim
+        thresholds and drop masks), from cached deltas, thresholds and masks."""
         n = len(self.names)
-        weights = [1.0] * n if weights is None else weights
-        deltas = {name: self._deltas(name, method, density, p, seed) for name in self.names}
+        weights, lam = check_merge_params(method, n=n, weights=weights, lam=lam, density=density, p=p, seed=seed,
+                                          keys=self.keys)
+        density, p = float(density), float(p)
+        norm = default_normalize(method) if normalize is None else bool(normalize)
+        thresholds = {name: self._thresholds(name, density) for name in self.names} if method == "ties" else None
+        keeps = ({name: self._keeps(name, p, seed) for name in self.names}
+                 if method in DARE_METHODS and p > 0.0 else None)
         out = dict(self.base)
         for k in self.keys:
-            w = torch.tensor(_weights_for(weights, k, n))
-            ds = [deltas[name][k] for name in self.names]
-            if method in ("ties", "dare_ties"):
-                weighted = torch.stack(ds) * w.view(-1, *([1] * ds[0].ndim))
-                mixed = elect_and_mean(weighted, w, normalize=True if normalize is None else normalize)
-            else:
-                mixed = sum(d * float(wi) for d, wi in zip(ds, w) if float(wi) != 0.0)
-                if isinstance(mixed, int):
-                    mixed = torch.zeros_like(self.base[k])
-                if normalize:
-                    s = float(w.sum())
-                    mixed = mixed / (s if abs(s) >= 1e-8 else 1.0)
-            out[k] = self.base[k] + lam * mixed
+            out[k] = merge_tensor(
+                self.base[k], [self.dense[name][k] for name in self.names], weights_for(weights, k, n), method=method,
+                density=density, p=p, lam=lam, normalize=norm,
+                thresholds=[thresholds[name][k] for name in self.names] if thresholds is not None else None,
+                keeps=[keeps[name][k] for name in self.names] if keeps is not None else None,
+            )
         return out
 
     def call_params(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,8 +199,9 @@ class MergeEvaluator:
         return {k: v for k, v in params.items() if k in self._call_keys}
 
     @torch.no_grad()
-    def accuracy_of(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """Per-task zero-shot top-1 accuracy of the model with ``params`` (default: the base)."""
+    def correct_of(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+        """Per-task, per-prompt top-1 correctness [prompts] (bool) of the model with
+        ``params`` (default: the base), for intervals by resampling the prompts."""
         from torch.func import functional_call
 
         out = {}
@@ -191,8 +209,16 @@ class MergeEvaluator:
             kwargs = b.kwargs()
             logits = (self.model(**kwargs) if params is None else functional_call(self.model, self.call_params(params), (), kwargs)).logits
             pred = logits[torch.arange(len(b)), b.last].argmax(-1)
-            out[t] = float((pred == answers).float().mean())
+            out[t] = (pred == answers).cpu().numpy()
         return out
+
+    def accuracy_of(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Per-task zero-shot top-1 accuracy of the model with ``params`` (default: the base)."""
+        return {t: float(c.mean()) for t, c in self.correct_of(params).items()}
+
+    def batches(self) -> dict[str, tuple]:
+        """The tokenized held-out prompts and answer ids of every task: {task: (Batch, answers)}."""
+        return dict(self._batches)
 
     def accuracy(self, method: str = "task_arithmetic", weights=None, **kwargs) -> dict[str, float]:
         """Per-task accuracy of a merge: ``accuracy_of(merged(method, weights, **kwargs))``."""
@@ -238,13 +264,20 @@ def normalized_accuracy(merged: Mapping[str, float], finetuned: Mapping[str, flo
 
 @register("atlas_coefficients")
 class AtlasCoefficients(Result):
-    """Learned coefficients [block, task_vector] (aTLAS) and the training loss [step]."""
+    """Learned coefficients [block, task_vector] (aTLAS) and the training loss [step].
+
+    Blocks are :mod:`workbench.blocks` names (``embed``, ``layer.L``, ``final_norm``,
+    ``unembed``, ``other``) of the subject's layout family (``attrs["family"]``)."""
 
     def weights_by_tensor(self, keys: Sequence[str]) -> dict[str, list[float]]:
         """Per-tensor weights for ``merge(..., weights=...)``."""
         blocks = self.coord("block")
         coef = self["coefficient"]
-        return {k: coef[blocks.index(block_of(k))].tolist() for k in keys}
+        family = self.attrs.get("family")
+        missing = sorted({block_of(k, family) for k in keys} - set(blocks))
+        if missing:
+            raise WorkbenchError(f"no learned coefficient for blocks {missing}; this result has {blocks}")
+        return {k: coef[blocks.index(block_of(k, family))].tolist() for k in keys}
 
 
 def learn_coefficients(
@@ -260,7 +293,8 @@ def learn_coefficients(
     """aTLAS: learn one coefficient per (block, task vector) by gradient descent.
 
     The merged model is ``base + sum_t c[block(k), t] * tau_t[k]`` for each tensor k
-    (blocks: embeddings, each layer, the rest). The coefficients start at ``init`` and
+    (blocks: :func:`workbench.blocks.block_of` of the subject's family: ``embed``, each
+    ``layer.L``, ``final_norm``, ``unembed``, ``other``). The coefficients start at ``init`` and
     are trained with Adam on the answer-token cross-entropy of ``n_val`` zero-shot
     prompts per task from ``split`` (a small validation set, disjoint from the test
     prompts the evaluator scores). Seeded.
@@ -268,7 +302,9 @@ def learn_coefficients(
     from torch.func import functional_call
 
     ev = evaluator
-    blocks = _block_order(block_of(k) for k in ev.keys)
+    family = ev.subject.family
+    block = {k: block_of(k, family) for k in ev.keys}
+    blocks = block_order(block.values())
     bidx = {b: i for i, b in enumerate(blocks)}
     torch.manual_seed(seed)
     coef = torch.full((len(blocks), len(ev.names)), float(init), requires_grad=True)
@@ -286,7 +322,7 @@ def learn_coefficients(
     for _ in range(steps):
         params = dict(ev.base)
         for k in ev.keys:
-            c = coef[bidx[block_of(k)]]
+            c = coef[bidx[block[k]]]
             params[k] = ev.base[k] + torch.tensordot(c, stacked[k], dims=1)
         logits = functional_call(ev.model, ev.call_params(params), (), batch.kwargs()).logits
         loss = _answer_loss(logits, batch.last, ans)
@@ -294,7 +330,8 @@ def learn_coefficients(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    params = {"n_val": n_val, "steps": steps, "lr": lr, "init": init, "split": split, "task_vectors": ev.names}
+    params = {"n_val": n_val, "steps": steps, "lr": lr, "init": init, "split": split, "task_vectors": ev.names,
+              "family": family.name}
     return AtlasCoefficients(
         dims={"block": blocks, "task_vector": ev.names, "step": list(range(steps))},
         data={"coefficient": (("block", "task_vector"), coef.detach().numpy()), "loss": (("step",), np.array(losses))},
