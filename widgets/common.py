@@ -8,13 +8,164 @@ always what the builder draws from the same results."""
 from __future__ import annotations
 
 import html
+import math
+from typing import Iterable
 
 import anywidget
 import ipywidgets as W
+import numpy as np
 import plotly.graph_objects as go
 import traitlets
 
 _SKIP = ("type", "uid")
+TITLE_TOP = 64  # px above the plot area: the toolbar's row, then the title's row below it
+MIN_CELL_PX = 440  # a figure narrower than this wraps below its neighbour
+
+
+def json_safe(value):
+    """``value`` with every NaN / inf replaced by None (plotly draws None as a gap), so no
+    message to the front end carries an out-of-range float. Arrays come back as lists
+    only when they held a non-finite value."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.floating):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "fc":
+            if value.dtype.kind == "c" or np.isfinite(value).all():
+                return value
+            return np.where(np.isfinite(value), value, None).tolist()
+        if value.dtype == object:
+            return [json_safe(v) for v in value.tolist()]
+        return value
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(json_safe(v) for v in value)
+    return value
+
+
+def fit_layout(figure: go.Figure) -> go.Figure:
+    """Size ``figure`` to its container and keep its title clear of the plotly toolbar:
+    autosize with no fixed width, a top margin holding the toolbar's row with the
+    title in a row below it (anchored to the plot's top edge), thin colorbars that
+    push the margin instead of covering labels. Changes ``figure`` and returns it."""
+    lay = figure.layout
+    margin = lay.margin.to_plotly_json() if lay.margin else {}
+    figure.update_layout(
+        autosize=True, width=None,
+        margin=dict(l=margin.get("l", 10), r=margin.get("r", 10), b=margin.get("b", 10),
+                    t=max(TITLE_TOP, margin.get("t") or 0), pad=0),
+        title=dict(x=0, xref="paper", y=1, yref="paper", yanchor="bottom", pad=dict(b=10), font_size=14),
+    )
+    for trace in figure.data:
+        if "colorbar" in trace and trace.type in ("heatmap", "contour", "histogram2d"):
+            trace.update(colorbar=dict(thickness=12, xpad=4, len=1, y=0.5, yanchor="middle"))
+    return figure
+
+
+class FullStateFigureWidget(go.FigureWidget):
+    """A ``go.FigureWidget`` whose first message to the front end already holds its data
+    and layout. (plotly opens the widget's channel before filling them in and sends
+    them as later updates; a view that renders before those updates land draws empty
+    axes, and plotly's view never redraws from them.)"""
+
+    def __init__(self, *args, config: dict | None = None, **kwargs) -> None:
+        self._hold_open = True
+        try:
+            super().__init__(*args, **kwargs)
+            if config:
+                self._config = {**self._config, **config}
+        finally:
+            self._hold_open = False
+        self.open()
+
+    def open(self) -> None:
+        if getattr(self, "_hold_open", False):
+            return
+        super().open()
+
+
+def responsive_figure(figure: go.Figure) -> go.FigureWidget:
+    """The ``FigureWidget`` every widget shows: ``figure`` with :func:`fit_layout` (width
+    follows the container, title clear of the toolbar) and no NaN/inf in its data.
+    Place it with :func:`wrap_box` (which also resizes it when its container does);
+    update it with :func:`update_in_place`."""
+    fig = fit_layout(go.Figure(figure))
+    data = [json_safe({k: v for k, v in t.to_plotly_json().items() if k != "uid"}) for t in fig.data]
+    # responsive: plotly refits the figure to its container on every window resize event
+    return FullStateFigureWidget(data=data, layout=json_safe(fig.layout.to_plotly_json()),
+                                 config={"responsive": True, "displaylogo": False})
+
+
+class FitWidth(anywidget.AnyWidget):
+    """An invisible helper inside every :func:`wrap_box`: it carries the wrapping CSS and,
+    when the box's width changes (or the box first appears), asks plotly figures to
+    re-fit (plotly's widget only refits on a window resize)."""
+
+    _esm = """
+    function render({ el }) {
+      el.style.display = "none";
+      let last = -1, queued = false;
+      const fire = () => { queued = false; window.dispatchEvent(new Event("resize")); };
+      const watch = () => {
+        const box = el.parentElement;
+        if (!box) { requestAnimationFrame(watch); return; }
+        const ro = new ResizeObserver((entries) => {
+          const w = Math.round(entries[0].contentRect.width);
+          if (w === last || w === 0) return;
+          last = w;
+          if (!queued) { queued = true; requestAnimationFrame(fire); }
+        });
+        ro.observe(box);
+      };
+      requestAnimationFrame(watch);
+    }
+    export default { render };
+    """
+    _css = """
+    .wb-wrap { display: flex; flex-flow: row wrap; align-items: flex-start; gap: 4px 12px; width: 100%;
+               max-width: 100%; box-sizing: border-box; }
+    .wb-cell { display: flex; flex-direction: column; min-width: 0; max-width: 100%; box-sizing: border-box; }
+    .wb-cell > * { width: 100%; max-width: 100%; min-width: 0; box-sizing: border-box; }
+    .wb-cell > .widget-hbox, .wb-wrap .widget-hbox { flex-wrap: wrap; }
+    .wb-tokens { white-space: normal; overflow-wrap: anywhere; max-width: 100%; }
+    """
+
+
+def wrap_box(children: Iterable[W.Widget], *, min_width: int = MIN_CELL_PX, grow: Iterable[float] | None = None,
+             **layout) -> W.Box:
+    """Children side by side while they fit (each at least ``min_width`` px, or the whole
+    width when narrower), wrapping below each other when they do not; every child
+    takes a share of the row (``grow``: one weight per child, default 1). Figures
+    (from :func:`responsive_figure`) resize with their cell. ``layout``: extra
+    ``ipywidgets.Layout`` settings of the outer box."""
+    children = list(children)
+    weights = list(grow) if grow is not None else [1.0] * len(children)
+    if len(weights) != len(children):
+        raise ValueError(f"grow has {len(weights)} weights for {len(children)} children")
+    cells = []
+    for child, g in zip(children, weights):
+        cell = W.Box([child], layout=W.Layout(flex=f"{g} 1 {min_width}px", min_width=f"min({min_width}px, 100%)"))
+        cell.add_class("wb-cell")
+        cells.append(cell)
+    box = W.Box([*cells, FitWidth()], layout=W.Layout(width="100%", **layout))
+    box.add_class("wb-wrap")
+    return box
+
+
+def controls_row(children: Iterable[W.Widget]) -> W.Box:
+    """Controls in a row that wraps onto the next line when narrow (never clipped)."""
+    box = W.Box(list(children), layout=W.Layout(display="flex", flex_flow="row wrap", width="100%",
+                                                 align_items="center"))
+    return box
+
+
+def full_label(control: W.Widget, width: str = "initial") -> W.Widget:
+    """Show ``control``'s whole description (no "country_c…"): description width
+    ``initial``. Returns the control."""
+    control.style.description_width = width
+    return control
 
 
 def update_in_place(widget: go.FigureWidget, figure: go.Figure) -> None:
@@ -23,15 +174,16 @@ def update_in_place(widget: go.FigureWidget, figure: go.Figure) -> None:
     merged, so the user's zoom survives; click handlers stay attached."""
     if len(widget.data) != len(figure.data):
         raise ValueError(f"the widget has {len(widget.data)} traces, the new figure {len(figure.data)}")
+    figure = fit_layout(go.Figure(figure))
     with widget.batch_update():
         for old, new in zip(widget.data, figure.data):
-            props = {k: v for k, v in new.to_plotly_json().items() if k not in _SKIP}
+            props = {k: json_safe(v) for k, v in new.to_plotly_json().items() if k not in _SKIP}
             for k in old.to_plotly_json():
                 if k not in props and k not in _SKIP:
                     old[k] = None
             for k, v in props.items():
                 old[k] = v
-        layout = {k: v for k, v in figure.layout.to_plotly_json().items() if k != "template"}
+        layout = {k: json_safe(v) for k, v in figure.layout.to_plotly_json().items() if k != "template"}
         widget.layout.update(layout)
 
 
