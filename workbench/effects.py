@@ -167,7 +167,7 @@ class _HeadSite(SiteNodes):
 
 class _FeatureSite(SiteNodes):
     def __init__(self, subject, site, sae) -> None:
-        self.subject, self.site, self.sae, self.kind = subject, site.name, sae, site.kind
+        self.subject, self.site, self.sae = subject, site.name, sae
         F = sae.d_sae
         self.names = [f"{self.site}/{j}" for j in range(F)] + [f"{self.site}/err"]
         self.columns = self._columns(F + 1, layer=-1 if site.layer is None else site.layer,
@@ -180,12 +180,14 @@ class _FeatureSite(SiteNodes):
         self.trailing = ((F,), (sae.W_dec.shape[1],))
 
     def _flat(self, x):
-        return x.reshape(*x.shape[:2], -1) if self.kind == "z" else x
+        from workbench.circuits.buffer import flat
+
+        return flat(x, self.site)
 
     def _unflat(self, x):
-        if self.kind == "z":
-            return x.reshape(*x.shape[:2], self.subject.n_heads, self.subject.d_head)
-        return x
+        from workbench.circuits.buffer import unflat
+
+        return unflat(x, self.site, self.subject)
 
     def split(self, x):
         xf = self._flat(x)
@@ -219,7 +221,7 @@ class _FeatureSite(SiteNodes):
 
 class _NeuronSite(SiteNodes):
     def __init__(self, subject, site, idx: Sequence[int], width: int) -> None:
-        self.subject, self.site, self.kind = subject, site.name, site.kind
+        self.subject, self.site = subject, site.name
         self.idx = torch.tensor(list(idx), dtype=torch.long, device=subject.device)
         self.names = [f"{self.site}/{i}" for i in idx]
         self.columns = self._columns(len(idx), layer=-1 if site.layer is None else site.layer, neuron=list(idx))
@@ -271,12 +273,11 @@ class Features(Nodes):
         self.saes = saes
 
     def bind(self, subject):
+        from workbench.circuits.buffer import check_vector_site
+
         out = []
         for name, sae in self.saes.items():
-            s = subject.site(name)
-            if s.kind in ("pattern", "logits"):
-                raise WorkbenchError(f"site {s.name!r} does not hold one vector per token; an SAE reads embed, "
-                                     "resid_pre, z, attn_out, mlp_out or resid_post")
+            s = check_vector_site(subject, name)
             sae.check_subject(subject, s.name)
             sae.eval()
             out.append(_FeatureSite(subject, s, sae))
@@ -291,11 +292,12 @@ class Neurons(Nodes):
         self.site, self.idx = site, idx
 
     def bind(self, subject):
+        from workbench.circuits.buffer import VECTOR_KINDS, site_width
+
         s = subject.site(self.site)
-        if s.kind in ("pattern", "logits"):
-            raise WorkbenchError(f"site {s.name!r} has no neurons to patch; use embed, resid_pre, z, attn_out, "
-                                 "mlp_out or resid_post")
-        width = subject.n_heads * subject.d_head if s.kind == "z" else subject.d_model
+        if s.kind not in VECTOR_KINDS:
+            raise WorkbenchError(f"site {s.name!r} has no neurons to patch; use one of {', '.join(VECTOR_KINDS)}")
+        width = site_width(subject, s.name)
         idx = list(range(width)) if self.idx is None else [int(i) for i in self.idx]
         bad = [i for i in idx if not 0 <= i < width]
         if bad:
