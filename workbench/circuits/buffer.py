@@ -204,6 +204,8 @@ class ActivationBuffer:
 
     def _next_texts(self) -> list[str] | None:
         if self.cursor >= len(self.texts):
+            if self.epochs is not None and self.epoch >= self.epochs:
+                return None  # used up already
             if self.epoch_rows == 0:
                 raise WorkbenchError(
                     f"none of the {len(self.texts)} texts holds a token at {self.site}"
