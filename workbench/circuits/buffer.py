@@ -295,9 +295,12 @@ class ActivationBuffer:
             raise WorkbenchError(f"the saved stream state is of other texts, another site or skip_first than this "
                                  f"buffer's ({len(self.texts)} texts at {self.site}); resume with the same ones")
         n = len(self.texts)
-        if order.ndim != 1 or len(order) != n or not torch.equal(order.sort().values, torch.arange(n)):
+        if order.ndim != 1 or len(order) != n:
             raise WorkbenchError(f"the saved stream state is for {len(order) if order.ndim == 1 else '?'} texts; this "
                                  f"buffer has {n}: resume with the same texts")
+        if order.dtype.is_floating_point or not torch.equal(order.sort().values, torch.arange(n)):
+            raise WorkbenchError(f"the saved stream state's text order is not a permutation of the {n} texts; "
+                                 "the state is damaged")
         if counters.ndim != 1 or len(counters) not in (3, 4):
             raise WorkbenchError(f"the saved stream state's counters have shape {tuple(counters.shape)}, expected (4,) "
                                  "(cursor, epoch, tokens seen, rows this epoch); the state is damaged")

@@ -267,6 +267,8 @@ def answer_token_ids(tokenizer, prompts: Sequence[str], answers: Sequence[str]) 
     tokens gets all of them."""
     check_tokenizer(tokenizer)
     prompts, answers = _check_pairs(prompts, answers)
+    if not prompts:
+        return []
     ids = _raw_answer_ids(tokenizer, prompts, answers)
     problems = [answer_problem(tokenizer, a, t) for a, t in zip(answers, ids)]
     bad = [p for p in problems if p is not None]

@@ -124,7 +124,7 @@ def get_task(name: str | Task) -> Task:
     if isinstance(name, Task):
         return name
     reg = _registry()
-    if name not in reg:
+    if not isinstance(name, str) or name not in reg:
         raise WorkbenchError(f"unknown task {name!r}; valid tasks: {', '.join(reg)}")
     return reg[name]
 
