@@ -73,6 +73,8 @@ ERRORS = [
     ("seed a string", lambda: D.icl_prompts("antonym", 2, 2, seed="7"), r"seed must be an integer, got '7'"),
     ("seed a float", lambda: D.icl_prompts("antonym", 2, 2, seed=1.5), r"seed must be an integer, got 1.5"),
     ("fmt a string", lambda: D.icl_prompts("antonym", 2, 2, fmt=" -> "), r"fmt must be a PromptFormat .*got str"),
+    ("a format with a number as separator", lambda: PromptFormat(io_sep=3), r"PromptFormat.io_sep must be a string with a visible separator .*got 3"),
+    ("a format with a blank separator", lambda: PromptFormat(demo_sep="  "), r"PromptFormat.demo_sep must be a string .*got '  '"),
     ("tokenizer a string", lambda: D.icl_prompts("antonym", 2, 2, tokenizer="gpt2"),
      r"tokenizer must be a Hugging Face tokenizer \(e.g. subject.tokenizer\), got str"),
     ("a Subject as the tokenizer", lambda: D.icl_prompts("antonym", 2, 2, tokenizer=FakeSubject()),

@@ -253,6 +253,9 @@ ERRORS = [
      r"task 'b' has a non-finite loss \(inf\) at step 0"),
     ("an inf gradient on a plain step", lambda t: trainer(tasks={"a": bad_from(2), "b": LOSSES["b"]}, monitor_every=100).fit(3, progress=False),
      r"non-finite gradients at step 1 in \['trunk.0.weight'.*before the update, the weights and the last checkpoint are unchanged"),
+    ("an inf gradient under pcgrad, unmonitored", lambda t: trainer(tasks={"a": bad_from(2), "b": LOSSES["b"]}, aggregator="pcgrad",
+                                                                     monitor_every=100).fit(3, progress=False),
+     r"task\(s\) \['a'\] have non-finite gradients at step 1; training stopped before the update"),
     ("an inf gradient on a monitored step", lambda t: trainer(tasks={"a": grad_inf_at_zero, "b": LOSSES["b"]}, monitor_every=1).fit(1, progress=False),
      r"task\(s\) \['a'\] have non-finite gradients at step 0"),
     # --- transfer, task groups, lookahead affinity

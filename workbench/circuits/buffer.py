@@ -46,19 +46,19 @@ def check_vector_site(subject, site: str):
     return s
 
 
-def check_texts(texts, what: str = "texts") -> list[str]:
+def check_texts(texts, empty: str = "no texts given; pass at least one text") -> list[str]:
     """``texts`` as a list of strings (one string is one text); anything else, an empty
-    list or a non-string entry, is an error naming it."""
+    list (the error says ``empty``) or a non-string entry, is an error naming it."""
     if isinstance(texts, str):
         return [texts]
     if texts is None or isinstance(texts, (bytes, torch.Tensor)) or not hasattr(texts, "__iter__"):
-        raise WorkbenchError(f"{what} must be a list of strings (or one string), got {type(texts).__name__}")
+        raise WorkbenchError(f"texts must be a list of strings (or one string), got {type(texts).__name__}")
     texts = list(texts)
     if not texts:
-        raise WorkbenchError(f"no {what} given; pass at least one text")
+        raise WorkbenchError(empty)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise WorkbenchError(f"{what}[{i}] is a {type(t).__name__}, not a string")
+            raise WorkbenchError(f"texts[{i}] is a {type(t).__name__}, not a string")
     return texts
 
 
@@ -108,9 +108,7 @@ def collect(subject, site: str, texts: Sequence[str], *, batch_size: int = 32, s
     (float32, CPU). Errors before running if it would exceed ``max_bytes``."""
     s = check_vector_site(subject, site)
     width = site_width(subject, s.name)
-    if texts is not None and not isinstance(texts, str) and hasattr(texts, "__len__") and len(texts) == 0:
-        raise WorkbenchError("no texts to collect activations from")
-    texts = check_texts(texts)
+    texts = check_texts(texts, "no texts to collect activations from")
     batch_size = check_int(batch_size, "batch_size")
     if max_rows is not None:
         max_rows = check_int(max_rows, "max_rows", 0)
@@ -163,9 +161,7 @@ class ActivationBuffer:
         self.subject = subject
         self.site = check_vector_site(subject, site).name
         self.width = site_width(subject, self.site)
-        if texts is not None and not isinstance(texts, str) and hasattr(texts, "__len__") and len(texts) == 0:
-            raise WorkbenchError("an ActivationBuffer needs at least one text")
-        self.texts = check_texts(texts)
+        self.texts = check_texts(texts, "an ActivationBuffer needs at least one text")
         batch_size, capacity = check_int(batch_size, "batch_size"), check_int(capacity, "capacity")
         if capacity < 2 * batch_size:
             raise WorkbenchError(

@@ -94,9 +94,7 @@ def evaluate_sae(
     check_sae(sae)
     site = resolve_site(subject, sae, site)
     s = subject.site(site)
-    if texts is not None and not isinstance(texts, str) and hasattr(texts, "__len__") and len(texts) == 0:
-        raise WorkbenchError("no texts to evaluate on")
-    texts = check_texts(texts)
+    texts = check_texts(texts, "no texts to evaluate on")
     batch_size = check_int(batch_size, "batch_size")
     if (isinstance(dense_threshold, bool) or not isinstance(dense_threshold, numbers.Real)
             or not math.isfinite(dense_threshold) or not 0 <= dense_threshold < 1):

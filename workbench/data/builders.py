@@ -47,6 +47,13 @@ class PromptFormat:
     io_sep: str = " -> "
     demo_sep: str = " ; "
 
+    def __post_init__(self) -> None:
+        for name in ("io_sep", "demo_sep"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise WorkbenchError(f"PromptFormat.{name} must be a string with a visible separator (e.g. ' -> '), "
+                                     f"got {v!r}")
+
     def demo(self, x: str, y: str) -> str:
         return f"{x}{self.io_sep}{y}"
 

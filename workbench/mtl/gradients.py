@@ -20,6 +20,7 @@ quantity, and named as such everywhere (``wrt="representation"``).
 
 from __future__ import annotations
 
+import numbers
 from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
@@ -74,9 +75,9 @@ def parameter_blocks(names: Sequence[str], family: Family | str | None = None, *
 
 def check_depth(depth) -> int:
     """``block_depth``: an integer >= 1 (name parts kept for a block without a layout)."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
         raise WorkbenchError(f"block_depth must be an integer >= 1 (name parts that make a block), got {depth!r}")
-    return depth
+    return int(depth)
 
 
 def check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -16,7 +16,15 @@ model (its layout is found in the model), module paths (``trunk.1``) otherwise.
 
 Data comes from ``data(step) -> batch``, a function of the step, so that a run resumed
 from a checkpoint sees the same batches and ends with the same weights. A non-finite
-loss stops training with a message; the last checkpoint stays as it was.
+loss or gradient stops training with a message before the update; the weights and the last
+checkpoint stay as they were.
+
+``checkpoint`` names a folder: every ``checkpoint_every`` steps the whole training state
+(weights, optimizer, history, aggregator state, random state) goes there as a JSON manifest
+plus one safetensors file (:func:`workbench.circuits.storage.commit`: an interruption at any
+point leaves the previous checkpoint whole; files the trainer did not write are never
+touched; no pickle). A trainer built on a folder holding a checkpoint resumes from it, and
+refuses one written with other settings (tasks, aggregator, lr, seed, ...) or damaged.
 """
 
 from __future__ import annotations
@@ -321,6 +329,10 @@ class MultiTaskTrainer:
             params = [p for _, p in self.shared]
             # task heads get the gradient of the summed loss, from the same T backward passes
             j, extra = jacobian(check_losses(losses), params, extra=self.own)
+            if not torch.isfinite(j).all():
+                bad = [n for n, row in zip(self.names, j) if not torch.isfinite(row).all()]
+                raise TrainingStopped(f"task(s) {bad} have non-finite gradients at step {step}; training stopped "
+                                      "before the update, the weights and the last checkpoint are unchanged")
             for p, g in zip(self.own, extra or ()):
                 p.grad = g
             loss_values = np.asarray([float(l.detach()) for l in losses])
@@ -336,10 +348,6 @@ class MultiTaskTrainer:
                 p.grad = update[off : off + n].view_as(p).to(p.dtype, copy=True)
                 off += n
             if monitored:
-                if not torch.isfinite(j).all():
-                    bad = [n for n, row in zip(self.names, j) if not torch.isfinite(row).all()]
-                    raise TrainingStopped(f"task(s) {bad} have non-finite gradients at step {step}; training stopped "
-                                          "before the update, the weights and the last checkpoint are unchanged")
                 bg = block_gramians(j, self._block_index, self._sizes, len(self.blocks))
                 g = np.concatenate([bg.sum(0)[None], bg])
                 cos, frac = cosines_and_conflicts(g)
@@ -457,7 +465,7 @@ class MultiTaskTrainer:
                 elif torch.is_tensor(v):
                     tensors[f"aggt.{k}"] = v.detach().cpu().clone()
                 else:
-                    agg_json[k] = v
+                    agg_json[k] = v.item() if isinstance(v, np.generic) else v
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
         manifest = {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step_count, "config": self._config(),
                     "aggregator": self.aggregator, "aggregator_params": self.agg_params,
@@ -504,10 +512,10 @@ class MultiTaskTrainer:
         history = {k[len("history."):]: v for k, v in t.items() if k.startswith("history.")}
         if len({len(v) for v in history.values()}) > 1:
             raise WorkbenchError(f"{str(wpath)!r}: the history arrays have different lengths; the checkpoint is damaged")
-        try:
-            self.model.load_state_dict(sd)
+        try:  # the optimizer first: it can refuse; the model's names and shapes are checked above
             self.opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-        except (RuntimeError, ValueError, KeyError) as e:
+            self.model.load_state_dict(sd)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise WorkbenchError(f"cannot resume from {str(path)!r}: {e}") from None
         self.step_count = int(meta["step"])
         self._records = _Records.from_state(history)
