@@ -10,12 +10,14 @@ recovered when the SAE's reconstruction replaces the site (through ``Subject.wri
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from workbench.circuits.buffer import check_vector_site, flat, token_mask, unflat
+from workbench.circuits.buffer import check_int, check_texts, check_vector_site, flat, token_mask, unflat
 from workbench.errors import WorkbenchError
 from workbench.metrics import next_token_loss
 from workbench.results import Result, provenance, register
@@ -36,6 +38,19 @@ class SAEEvaluation(Result):
         if name in METRICS:
             return self.metrics[name]
         raise AttributeError(name)
+
+
+def check_sae(sae) -> None:
+    """A workbench SAE (or anything with its interface) with finite weights."""
+    needed = ("encode", "decode", "d_in", "d_sae", "skip_first", "check_subject", "config", "site")
+    lacking = [a for a in needed if not hasattr(sae, a)]
+    if lacking:
+        raise WorkbenchError(f"expected a workbench SAE (SAE(...) or SAE.load(path)), got {type(sae).__name__} "
+                             f"(it has no {', '.join(lacking[:3])})")
+    if isinstance(sae, torch.nn.Module):
+        bad = [n for n, t in list(sae.named_parameters()) + list(sae.named_buffers()) if not torch.isfinite(t).all()]
+        if bad:
+            raise WorkbenchError(f"the SAE's {', '.join(bad)} hold NaN or inf: its weights are damaged")
 
 
 def resolve_site(subject, sae, site: str | None) -> str:
@@ -76,11 +91,14 @@ def evaluate_sae(
     Positions the SAE was not trained on (position 0 when ``sae.skip_first``) and padding
     are left out of every statistic and are never replaced.
     """
+    check_sae(sae)
     site = resolve_site(subject, sae, site)
     s = subject.site(site)
-    texts = list(texts)
-    if not texts:
-        raise WorkbenchError("no texts to evaluate on")
+    texts = check_texts(texts, "no texts to evaluate on")
+    batch_size = check_int(batch_size, "batch_size")
+    if (isinstance(dense_threshold, bool) or not isinstance(dense_threshold, numbers.Real)
+            or not math.isfinite(dense_threshold) or not 0 <= dense_threshold < 1):
+        raise WorkbenchError(f"dense_threshold must be a share of tokens in [0, 1), got {dense_threshold!r}")
     batches = [subject.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     # pass 1: activations, reconstruction stats, mean activation, clean loss
     n_tok = 0
@@ -104,6 +122,9 @@ def evaluate_sae(
         freq += active.sum(0).cpu()
     if n_tok == 0:
         raise WorkbenchError("the texts hold no tokens to evaluate (after dropping position 0)")
+    if not math.isfinite(float(sse)) or not math.isfinite(float(sum_x2)):
+        raise WorkbenchError(f"the activations at {site} or the SAE's reconstruction of them hold NaN or inf; "
+                             "check the model's dtype (float16 overflow) and the SAE")
     mean = (sum_x / n_tok).float()
     total_var = float(sum_x2 - n_tok * (sum_x / n_tok).pow(2).sum())
     # pass 2: losses with the site replaced
@@ -122,6 +143,9 @@ def evaluate_sae(
             losses[name].append(next_token_loss(logits, batch).double().cpu())
         weights.append((batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).sum(-1).double().cpu())
     w = torch.cat(weights)
+    if float(w.sum()) == 0:
+        raise WorkbenchError("no text has two real tokens, so there is no next-token loss to compare; "
+                             "pass texts of at least two tokens")
     loss = {k: float((torch.cat(v) * w).sum() / w.sum()) for k, v in losses.items()}
     freq = (freq / n_tok).numpy()
 

@@ -31,6 +31,12 @@ class Task:
     description: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise WorkbenchError(f"a task's name must be a non-empty string, got {self.name!r}")
+        for i, p in enumerate(self.pairs):
+            if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(w, str) and w.strip() for w in p)):
+                raise WorkbenchError(f"task {self.name!r}: pair {i} must be (input, output), two non-empty strings, "
+                                     f"got {p!r}")
         inputs = [x for x, _ in self.pairs]
         dup = sorted({x for x in inputs if inputs.count(x) > 1})
         if dup:
@@ -118,13 +124,15 @@ def get_task(name: str | Task) -> Task:
     if isinstance(name, Task):
         return name
     reg = _registry()
-    if name not in reg:
+    if not isinstance(name, str) or name not in reg:
         raise WorkbenchError(f"unknown task {name!r}; valid tasks: {', '.join(reg)}")
     return reg[name]
 
 
 def agreement_nouns(split: Split = "all") -> list[tuple[str, str]]:
     """(singular, plural) nouns usable as agreement subjects and distractors."""
+    if split not in ("train", "test", "all"):
+        raise WorkbenchError(f"unknown split {split!r}; use 'train', 'test' or 'all'")
     pairs = list(W.SINGULAR_PLURAL)
     if split == "all":
         return pairs

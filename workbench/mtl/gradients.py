@@ -20,6 +20,7 @@ quantity, and named as such everywhere (``wrt="representation"``).
 
 from __future__ import annotations
 
+import numbers
 from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
@@ -35,6 +36,10 @@ from workbench.stats import cosine_from_gramian
 
 def shared_parameters(module: torch.nn.Module, prefix: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
     """Trainable parameters of ``module`` (optionally only names starting with ``prefix``)."""
+    if not isinstance(module, torch.nn.Module):
+        raise WorkbenchError(f"shared_parameters takes a torch.nn.Module, got {type(module).__name__}")
+    if prefix is not None and not isinstance(prefix, str):
+        raise WorkbenchError(f"prefix must be a string (the start of the shared parameters' names), got {prefix!r}")
     out = [(n, p) for n, p in module.named_parameters() if p.requires_grad and (prefix is None or n.startswith(prefix))]
     if not out:
         raise WorkbenchError(f"no trainable parameters{' under ' + repr(prefix) if prefix else ''} in {type(module).__name__}")
@@ -61,14 +66,25 @@ def parameter_blocks(names: Sequence[str], family: Family | str | None = None, *
     are resolved (the path of an HF model inside a wrapper). With a family the blocks come
     in depth order (embed, layer.0, ..., final_norm, unembed, others); without one in the
     order the parameters come."""
+    check_depth(depth)
     named = [block_of(n[len(prefix):] if prefix and n.startswith(prefix) else n, family, depth=depth) for n in names]
     blocks = block_order(named) if family is not None else list(dict.fromkeys(named))
     index = {b: i for i, b in enumerate(blocks)}
     return blocks, [index[b] for b in named]
 
 
+def check_depth(depth) -> int:
+    """``block_depth``: an integer >= 1 (name parts kept for a block without a layout)."""
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
+        raise WorkbenchError(f"block_depth must be an integer >= 1 (name parts that make a block), got {depth!r}")
+    return int(depth)
+
+
 def check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """At least two scalar, finite losses with a graph; otherwise an error naming the culprit."""
+    if losses is None or isinstance(losses, (str, bytes, torch.Tensor)):
+        raise WorkbenchError(f"losses must be a list (or dict task -> loss) of scalar tensors, got "
+                             f"{type(losses).__name__}")
     losses = list(losses)
     if len(losses) < 2:
         raise WorkbenchError(f"gradient conflicts need at least two task losses, got {len(losses)}")
@@ -95,6 +111,9 @@ def gram64(part: torch.Tensor) -> np.ndarray:
     products over chunks of 4096 entries (short sums, small rounding error), the chunk
     results summed in float64. The chunks go through batched matrix products, up to
     ``GROUP`` chunks at a time, instead of one Python iteration each."""
+    if not isinstance(part, torch.Tensor) or part.ndim != 2:
+        raise WorkbenchError(f"gram64 takes a [tasks, entries] tensor, got "
+                             f"{tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__}")
     T, n = part.shape
     if n <= CHUNK:
         return (part @ part.T).double().cpu().numpy()
@@ -120,6 +139,16 @@ def block_gramians(jac: torch.Tensor, block_index: Sequence[int], sizes: Sequenc
     8 MB in float64) is copied to float64 once and multiplied exactly: per-step monitoring of
     a small model is dominated by per-operation overhead, not arithmetic. A larger one goes
     through ``gram64`` (float32 chunks summed in float64, no float64 copy)."""
+    if not isinstance(jac, torch.Tensor) or jac.ndim != 2:
+        raise WorkbenchError(f"block_gramians takes a [tasks, params] Jacobian, got "
+                             f"{tuple(jac.shape) if isinstance(jac, torch.Tensor) else type(jac).__name__}")
+    if len(block_index) != len(sizes) or sum(sizes) != jac.shape[1]:
+        raise WorkbenchError(f"block_gramians: {len(sizes)} parameter sizes summing to {sum(sizes)} for "
+                             f"{len(block_index)} block indices and a Jacobian of {jac.shape[1]} columns; "
+                             "they must agree")
+    if any(not 0 <= b < n_blocks for b in block_index):
+        raise WorkbenchError(f"block_gramians: block indices must lie in 0..{n_blocks - 1}, got "
+                             f"{sorted(set(block_index))}")
     T, P = jac.shape
     small = T * P <= SMALL
     src = jac.double() if small else jac
@@ -143,6 +172,8 @@ def jacobian(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *,
     ``tensors``, one ``autograd.grad`` per loss over the shared graph; and, for the
     ``extra`` parameters, the gradient of the summed loss from the same passes (None where
     no loss reaches one; None in all when ``extra`` is empty)."""
+    if not tensors:
+        raise WorkbenchError("no shared parameters given: the Jacobian needs at least one tensor")
     sizes = [p.numel() for p in tensors]
     T, P = len(losses), sum(sizes)
     extra = list(extra)
@@ -167,9 +198,22 @@ def _triu(T: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(T, 1)
 
 
+def check_stacked(g, what: str, *, finite: bool) -> np.ndarray:
+    """``g`` as a float64 array [N, T, T] (N stacked square matrices); otherwise an error
+    saying what is accepted. With ``finite``, NaN or inf entries are refused too."""
+    g = np.asarray(g, dtype=np.float64)
+    if g.ndim != 3 or g.shape[1] != g.shape[2] or g.shape[1] < 1:
+        raise WorkbenchError(f"{what} must be N stacked square [T, T] matrices, shape [N, T, T], got shape "
+                             f"{g.shape}{'; add an axis (g[None]) for one' if g.ndim == 2 else ''}")
+    if finite and not np.isfinite(g).all():
+        raise WorkbenchError(f"{what} hold NaN or inf entries: the gradients they come from are not finite")
+    return g
+
+
 def conflict_fractions(cos: np.ndarray) -> np.ndarray:
     """Conflict fractions [N] of stacked cosines [N, T, T]: the share of task pairs whose
     cosine is < 0, pairs with a zero gradient (NaN cosine) left out (0 when none is left)."""
+    cos = check_stacked(cos, "cosines", finite=False)
     iu = _triu(cos.shape[-1])
     pairs = cos[:, iu[0], iu[1]]
     valid = (~np.isnan(pairs)).sum(1)
@@ -179,6 +223,7 @@ def conflict_fractions(cos: np.ndarray) -> np.ndarray:
 def cosines_and_conflicts(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cosines [N, T, T] and conflict fractions [N] of N stacked Gramians [N, T, T] (the
     trainer runs this at every monitored step)."""
+    g = check_stacked(g, "Gramians", finite=True)
     cos = cosine_from_gramian(g)
     return cos, conflict_fractions(cos)
 
@@ -187,6 +232,8 @@ def mean_pair_cosine(cos: np.ndarray) -> np.ndarray:
     """Mean cosine over the task pairs (i < j) of [..., T, T] cosines, NaN pairs left out
     (NaN when none is left)."""
     cos = np.asarray(cos, dtype=np.float64)
+    if cos.ndim < 2 or cos.shape[-1] != cos.shape[-2]:
+        raise WorkbenchError(f"cosines must be [..., T, T] square matrices, got shape {cos.shape}")
     iu = _triu(cos.shape[-1])
     pairs = cos[..., iu[0], iu[1]]
     valid = ~np.isnan(pairs)
@@ -198,7 +245,10 @@ def mean_pair_cosine(cos: np.ndarray) -> np.ndarray:
 def magnitude_similarity(g: np.ndarray) -> np.ndarray:
     """Gradient-magnitude similarity 2|gi||gj| / (|gi|^2 + |gj|^2) [..., T, T] from
     Gramians [..., T, T] (1: equal norms; NaN for two zero gradients)."""
-    sq = np.clip(np.diagonal(np.asarray(g, dtype=np.float64), axis1=-2, axis2=-1), 0, None)
+    g = np.asarray(g, dtype=np.float64)
+    if g.ndim < 2 or g.shape[-1] != g.shape[-2]:
+        raise WorkbenchError(f"Gramians must be [..., T, T] square matrices, got shape {g.shape}")
+    sq = np.clip(np.diagonal(g, axis1=-2, axis2=-1), 0, None)
     n = np.sqrt(sq)
     with np.errstate(invalid="ignore", divide="ignore"):
         return 2 * n[..., :, None] * n[..., None, :] / (sq[..., :, None] + sq[..., None, :])
@@ -206,6 +256,46 @@ def magnitude_similarity(g: np.ndarray) -> np.ndarray:
 
 def _norms(g: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(np.diagonal(g, axis1=-2, axis2=-1), 0, None))
+
+
+def named_parameters(params) -> list[tuple[str, torch.Tensor]]:
+    """``params`` as (name, tensor) pairs: each given as a pair or a bare tensor (named
+    ``param{i}``), every one a tensor that requires grad, none twice; otherwise an error
+    naming the culprit."""
+    if isinstance(params, torch.nn.Module):
+        raise WorkbenchError(f"params must be (name, parameter) pairs or parameters, got a {type(params).__name__} "
+                             "module; pass shared_parameters(model, prefix) or list(module.named_parameters())")
+    if params is None or isinstance(params, (str, bytes, torch.Tensor)):
+        raise WorkbenchError(f"params must be a list of (name, parameter) pairs or parameters, got "
+                             f"{type(params).__name__}")
+    named, seen = [], {}
+    for i, p in enumerate(params):
+        if isinstance(p, torch.Tensor):
+            p = (f"param{i}", p)
+        if not (isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], torch.Tensor)):
+            raise WorkbenchError(f"parameter {i} must be a tensor or a (name, tensor) pair, got {type(p).__name__}")
+        name, t = p
+        if not t.requires_grad:
+            raise WorkbenchError(f"parameter {name!r} does not require grad: it is frozen or detached, so it has no "
+                                 "gradient; pass trainable parameters only")
+        if id(t) in seen:
+            raise WorkbenchError(f"parameter {name!r} is given twice (also as {seen[id(t)]!r}); each shared "
+                                 "parameter must appear once, or its gradient counts double")
+        seen[id(t)] = name
+        named.append((name, t))
+    if not named:
+        raise WorkbenchError("no shared parameters given")
+    return named
+
+
+def check_tensors(tensors, what: str) -> list[torch.Tensor]:
+    """A list of tensors that require grad (``extra`` parameters, shared features)."""
+    out = list(tensors) if isinstance(tensors, (list, tuple)) or not isinstance(tensors, torch.Tensor) else [tensors]
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor) or not t.requires_grad:
+            got = "a tensor that does not require grad" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise WorkbenchError(f"{what}[{i}] must be a tensor that requires grad, got {got}")
+    return out
 
 
 @register("task_gradients")
@@ -240,6 +330,9 @@ class TaskGradients(Result):
 
 
 def _task_names(losses, tasks) -> tuple[list, list[torch.Tensor]]:
+    if losses is None or isinstance(losses, (str, bytes, torch.Tensor)):
+        raise WorkbenchError(f"losses must be a list (or dict task -> loss) of scalar tensors, got "
+                             f"{type(losses).__name__}")
     if isinstance(losses, Mapping):
         names, losses = list(losses), list(losses.values())
     else:
@@ -300,12 +393,12 @@ def task_gradients(
     """
     if mode not in ("jacobian", "gramian"):
         raise WorkbenchError(f"mode must be 'jacobian' or 'gramian', got {mode!r}")
+    check_depth(block_depth)
     names, losses = _task_names(losses, tasks)
     losses = check_losses(losses)
-    named = [(f"param{i}", p) if isinstance(p, torch.Tensor) else p for i, p in enumerate(params)]
-    if not named:
-        raise WorkbenchError("no shared parameters given")
+    named = named_parameters(params)
     tensors = [p for _, p in named]
+    extra = check_tensors(extra, "extra")
     blocks, block_index = parameter_blocks([n for n, _ in named], family, depth=block_depth)
     sizes = [p.numel() for p in tensors]
     jac, extra_grads = jacobian(losses, tensors, retain_graph=retain_graph, extra=extra)
@@ -324,6 +417,10 @@ def representation_gradients(losses: Sequence[torch.Tensor] | Mapping[str, torch
     """Per-task gradients with respect to shared ``features`` (e.g. the trunk's output),
     flattened over the batch: the MGDA-UB quantity, one block ``features``,
     ``attrs["wrt"] == "representation"``; the Jacobian is kept as ``jacobian``."""
+    if not isinstance(features, torch.Tensor) or not features.requires_grad:
+        got = "a tensor that does not require grad" if isinstance(features, torch.Tensor) else type(features).__name__
+        raise WorkbenchError(f"features must be a tensor the losses were computed from (requiring grad, e.g. the "
+                             f"trunk's output), got {got}")
     names, losses = _task_names(losses, tasks)
     losses = check_losses(losses)
     T = len(losses)
@@ -394,7 +491,8 @@ def conflict_summary(tg: TaskGradients) -> ConflictSummary:
 
 
 __all__ = [
-    "ConflictSummary", "TaskGradients", "block_gramians", "check_losses", "conflict_fractions", "conflict_summary",
-    "cosines_and_conflicts", "family_of_model", "gram64", "jacobian", "magnitude_similarity", "mean_pair_cosine",
-    "parameter_blocks", "representation_gradients", "shared_parameters", "task_gradients",
+    "ConflictSummary", "TaskGradients", "block_gramians", "check_depth", "check_losses", "check_stacked",
+    "check_tensors", "conflict_fractions", "conflict_summary", "cosines_and_conflicts", "family_of_model", "gram64",
+    "jacobian", "magnitude_similarity", "mean_pair_cosine", "named_parameters", "parameter_blocks",
+    "representation_gradients", "shared_parameters", "task_gradients",
 ]

@@ -16,24 +16,36 @@ model (its layout is found in the model), module paths (``trunk.1``) otherwise.
 
 Data comes from ``data(step) -> batch``, a function of the step, so that a run resumed
 from a checkpoint sees the same batches and ends with the same weights. A non-finite
-loss stops training with a message; the last checkpoint stays as it was.
+loss or gradient stops training with a message before the update; the weights and the last
+checkpoint stay as they were.
+
+``checkpoint`` names a folder: every ``checkpoint_every`` steps the whole training state
+(weights, optimizer, history, aggregator state, random state) goes there as a JSON manifest
+plus one safetensors file (:func:`workbench.circuits.storage.commit`: an interruption at any
+point leaves the previous checkpoint whole; files the trainer did not write are never
+touched; no pickle). A trainer built on a folder holding a checkpoint resumes from it, and
+refuses one written with other settings (tasks, aggregator, lr, seed, ...) or damaged.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import numbers
 import random
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from workbench.circuits import storage
 from workbench.errors import WorkbenchError, one_of
 from workbench.layout import Family
 from workbench.mtl.aggregators import STATEFUL, STATELESS, GradNorm, UncertaintyWeighting, aggregate
 from workbench.mtl.gradients import (
-    block_gramians, check_losses, cosines_and_conflicts, family_of_model, jacobian, parameter_blocks,
+    block_gramians, check_depth, check_losses, cosines_and_conflicts, family_of_model, jacobian, parameter_blocks,
 )
 from workbench.results import Result, provenance, register
 
@@ -47,10 +59,20 @@ class TrainingStopped(WorkbenchError):
 def lookahead_affinity(losses_at: Callable[[], Sequence[torch.Tensor]], params: Sequence[torch.nn.Parameter],
                        jacobian: torch.Tensor, lr: float) -> np.ndarray:
     """TAG affinity Z[i, j] = 1 - L_j(theta - lr g_i) / L_j(theta) on the same batch:
-    how much a step on task i alone lowers task j's loss (positive: i helps j)."""
+    how much a step on task i alone lowers task j's loss (positive: i helps j). NaN in
+    column j when L_j(theta) is 0 (no relative change is defined)."""
+    params = list(params)
+    width = sum(p.numel() for p in params)
+    if not isinstance(jacobian, torch.Tensor) or jacobian.ndim != 2 or jacobian.shape[1] != width:
+        raise WorkbenchError(f"jacobian must be [tasks, {width}] (one row per task over the {len(params)} parameters), "
+                             f"got {tuple(jacobian.shape) if isinstance(jacobian, torch.Tensor) else type(jacobian).__name__}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise WorkbenchError(f"lr must be a finite number > 0, got {lr!r}")
     with torch.no_grad():
         base = np.asarray([float(l) for l in losses_at()])
         T = jacobian.shape[0]
+        if len(base) != T:
+            raise WorkbenchError(f"losses_at() gives {len(base)} losses for a Jacobian of {T} tasks")
         z = np.zeros((T, T))
         saved = [p.detach().clone() for p in params]
         for i in range(T):
@@ -60,7 +82,8 @@ def lookahead_affinity(losses_at: Callable[[], Sequence[torch.Tensor]], params: 
                 p.sub_(lr * jacobian[i, off : off + n].view_as(p).to(p.dtype))
                 off += n
             after = np.asarray([float(l) for l in losses_at()])
-            z[i] = 1 - after / base
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z[i] = np.where(base != 0, 1 - after / np.where(base != 0, base, 1), np.nan)
             for p, s in zip(params, saved):
                 p.copy_(s)
     return z
@@ -171,14 +194,39 @@ class MultiTaskTrainer:
                  affinity: bool = False, seed: int = 0, checkpoint: str | Path | None = None,
                  checkpoint_every: int = 50, aggregator_params: dict | None = None,
                  family: Family | str | None = "auto", block_depth: int = 2) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise WorkbenchError(f"model must be a torch.nn.Module whose forward(batch) returns one output per task, "
+                                 f"got {type(model).__name__}")
+        if not isinstance(tasks, Mapping):
+            raise WorkbenchError(f"tasks must be a dict task name -> loss function(output, batch), got "
+                                 f"{type(tasks).__name__}")
         if len(tasks) < 2:
             raise WorkbenchError(f"multi-task training needs at least two tasks, got {list(tasks)}")
+        for name, fn in tasks.items():
+            if not isinstance(name, str) or not name:
+                raise WorkbenchError(f"task names must be non-empty strings, got {name!r}")
+            if not callable(fn):
+                raise WorkbenchError(f"the loss of task {name!r} must be a function (output, batch) -> scalar tensor, "
+                                     f"got {type(fn).__name__}")
+        if not callable(data):
+            raise WorkbenchError(f"data must be a function step -> batch (so a resumed run sees the same batches), "
+                                 f"got {type(data).__name__}; e.g. workloads.batch_sampler(tensors, batch_size)")
         if aggregator not in STATELESS + STATEFUL:
             raise one_of("aggregator", aggregator, STATELESS + STATEFUL)
+        if not isinstance(shared_prefix, str):
+            raise WorkbenchError(f"shared_prefix must be a string, got {shared_prefix!r}")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+            raise WorkbenchError(f"lr must be a finite number > 0, got {lr!r}")
         if monitor_every is None:
             monitor_every = default_monitor_every(len(tasks))
-        if monitor_every < 1:
-            raise WorkbenchError(f"monitor_every must be >= 1, got {monitor_every}")
+        check_count(monitor_every, "monitor_every")
+        check_count(checkpoint_every, "checkpoint_every")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise WorkbenchError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(affinity, bool):
+            raise WorkbenchError(f"affinity must be True or False, got {affinity!r}")
+        check_depth(block_depth)
+        lr, monitor_every, seed = float(lr), int(monitor_every), int(seed)
         self.model, self.tasks, self.data = model, dict(tasks), data
         self.names = list(tasks)
         self.shared = [(n, p) for n, p in model.named_parameters() if n.startswith(shared_prefix) and p.requires_grad]
@@ -206,10 +254,14 @@ class MultiTaskTrainer:
         self.set_aggregator(aggregator, aggregator_params)
         self.callbacks: list[Callable[["MultiTaskTrainer", dict], None]] = []
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = int(checkpoint_every)
         self._stop = False
-        if self.checkpoint and self.checkpoint.exists():
-            self.load(self.checkpoint)
+        if self.checkpoint is not None:
+            if self.checkpoint.exists() and not self.checkpoint.is_dir():
+                raise WorkbenchError(f"checkpoint {str(self.checkpoint)!r} is a file; pass a folder (the trainer "
+                                     "writes its state there and never touches other files)")
+            if (self.checkpoint / CHECKPOINT_MANIFEST).exists():
+                self.load(self.checkpoint)
 
     # ------------------------------------------------------------------ pieces
 
@@ -218,13 +270,14 @@ class MultiTaskTrainer:
         history records from which step each aggregator ran."""
         if aggregator not in STATELESS + STATEFUL:
             raise one_of("aggregator", aggregator, STATELESS + STATEFUL)
+        if params is not None and not isinstance(params, Mapping):
+            raise WorkbenchError(f"aggregator_params must be a dict of keyword arguments, got {type(params).__name__}")
         params = dict(params or {})
         if self._aggregators and aggregator == self.aggregator and params == self.agg_params:
             return
-        self.aggregator, self.agg_params = aggregator, params
         T = len(self.names)
-        self.state_agg = (UncertaintyWeighting(T) if aggregator == "uncertainty"
-                          else GradNorm(T) if aggregator == "gradnorm" else None)
+        state_agg = build_aggregator(aggregator, params, T)
+        self.aggregator, self.agg_params, self.state_agg = aggregator, params, state_agg
         seg = {"from_step": self.step_count, "aggregator": aggregator, "params": params}
         if self._aggregators and self._aggregators[-1]["from_step"] == self.step_count:
             self._aggregators[-1] = seg
@@ -232,8 +285,22 @@ class MultiTaskTrainer:
             self._aggregators.append(seg)
 
     def losses(self, batch) -> list[torch.Tensor]:
+        """One loss per task on ``batch`` (each checked: a scalar tensor; what the model or a
+        loss function returned otherwise is named in a WorkbenchError)."""
         out = self.model(batch)
-        return [self.tasks[n](out[n], batch) for n in self.names]
+        if not isinstance(out, Mapping):
+            raise WorkbenchError(f"the model's forward(batch) must return a dict task -> output, got {type(out).__name__}")
+        missing = [n for n in self.names if n not in out]
+        if missing:
+            raise WorkbenchError(f"the model's output has no entry for task(s) {missing}; it has {list(out)}")
+        losses = []
+        for n in self.names:
+            l = self.tasks[n](out[n], batch)
+            if not isinstance(l, torch.Tensor) or l.numel() != 1:
+                got = f"a tensor of shape {tuple(l.shape)}" if isinstance(l, torch.Tensor) else type(l).__name__
+                raise WorkbenchError(f"the loss function of task {n!r} must return a scalar tensor, got {got}")
+            losses.append(l.reshape(()))
+        return losses
 
     def stop(self) -> None:
         """Ask a running ``fit`` to stop after the current step (thread-safe)."""
@@ -250,6 +317,8 @@ class MultiTaskTrainer:
             if not torch.isfinite(l).all():
                 raise TrainingStopped(f"task {name!r} has a non-finite loss ({float(l.detach())}) at step {step}; "
                                       "training stopped, the last checkpoint is unchanged")
+            if not l.requires_grad:
+                raise WorkbenchError(f"the loss of task {name!r} does not depend on any trainable parameter (no graph)")
         monitored = step % self.monitor_every == 0
         needs_jacobian = monitored or self.aggregator != "equal"
         self.opt.zero_grad(set_to_none=True)
@@ -260,6 +329,10 @@ class MultiTaskTrainer:
             params = [p for _, p in self.shared]
             # task heads get the gradient of the summed loss, from the same T backward passes
             j, extra = jacobian(check_losses(losses), params, extra=self.own)
+            if not torch.isfinite(j).all():
+                bad = [n for n, row in zip(self.names, j) if not torch.isfinite(row).all()]
+                raise TrainingStopped(f"task(s) {bad} have non-finite gradients at step {step}; training stopped "
+                                      "before the update, the weights and the last checkpoint are unchanged")
             for p, g in zip(self.own, extra or ()):
                 p.grad = g
             loss_values = np.asarray([float(l.detach()) for l in losses])
@@ -286,6 +359,7 @@ class MultiTaskTrainer:
                 }
                 if self.affinity:
                     record["affinity"] = lookahead_affinity(lambda: self.losses(batch), params, j, self.lr)
+        self.check_gradients(step)
         self.opt.step()
         self.step_count += 1
         if record is not None:
@@ -296,11 +370,24 @@ class MultiTaskTrainer:
             self.save(self.checkpoint)
         return record
 
+    def check_gradients(self, step: int) -> None:
+        """Stop before the update when a gradient is NaN or inf (a loss can be finite while
+        its gradient is not, e.g. sqrt at 0): the weights and the checkpoint stay as they were."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            raise TrainingStopped(f"non-finite gradients at step {step} in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                                  "training stopped before the update, the weights and the last checkpoint are "
+                                  "unchanged (lower the learning rate or check the losses)")
+
     def fit(self, steps: int, *, progress: bool = True) -> TrainingHistory:
         """Train until ``steps`` steps in all (resumed runs continue), or until ``stop()``;
         returns the history."""
         from tqdm.auto import tqdm
 
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise WorkbenchError(f"steps must be an integer >= 0 (the total number of steps), got {steps!r}")
+        steps = int(steps)
         self._stop = False
         bar = tqdm(total=steps, initial=self.step_count, desc="multi-task", disable=not progress, mininterval=1)
         while self.step_count < steps and not self._stop:
@@ -356,47 +443,165 @@ class MultiTaskTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, path: str | Path) -> None:
+        """Write the whole training state into the folder ``path``: JSON manifest
+        (``mtl_state.json``, the commit point) plus one safetensors file, as
+        :func:`workbench.circuits.storage.commit` writes them: an interruption at any point
+        leaves the previous checkpoint whole, and no file the trainer did not write is touched."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step_count,
-            "history": self._records.state(), "aggregators": self._aggregators, "torch_rng": torch.get_rng_state(),
-            "names": self.names, "aggregator": self.aggregator,
-            "agg_state": None if self.state_agg is None else {k: np.asarray(v).tolist() if v is not None else None
-                                                              for k, v in vars(self.state_agg).items()},
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # never half-written
+        if path.exists() and not path.is_dir():
+            raise WorkbenchError(f"checkpoint {str(path)!r} is a file; pass a folder")
+        tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        opt = self.opt.state_dict()
+        for idx, st in opt["state"].items():
+            for key, v in st.items():
+                tensors[f"opt.{idx}.{key}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().clone()
+        tensors.update({f"history.{k}": t.contiguous() for k, t in self._records.state().items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        agg_json = {}
+        if self.state_agg is not None:
+            for k, v in vars(self.state_agg).items():
+                if isinstance(v, np.ndarray):
+                    tensors[f"agg.{k}"] = torch.from_numpy(v.copy())
+                elif torch.is_tensor(v):
+                    tensors[f"aggt.{k}"] = v.detach().cpu().clone()
+                else:
+                    agg_json[k] = v.item() if isinstance(v, np.generic) else v
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+        manifest = {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step_count, "config": self._config(),
+                    "aggregator": self.aggregator, "aggregator_params": self.agg_params,
+                    "aggregator_state": agg_json, "param_groups": groups}
+        try:
+            json.dumps(manifest, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise WorkbenchError(f"the training state cannot be written as JSON ({e}); aggregator_params and the "
+                                 "optimizer settings must be plain numbers, strings and lists") from None
+        storage.commit(path, CHECKPOINT_MANIFEST, manifest, tensors, prefix=CHECKPOINT_PREFIX)
 
     def load(self, path: str | Path) -> None:
-        state = torch.load(path, weights_only=True)  # plain tensors and lists: no pickled code runs
-        if not isinstance(state.get("history"), dict) or "aggregators" not in state:
-            raise WorkbenchError(f"checkpoint {path} was written by an older version of the trainer; start afresh")
-        if state["names"] != self.names or state["aggregator"] != self.aggregator:
-            raise WorkbenchError(f"checkpoint {path} is for tasks {state['names']} with {state['aggregator']!r}; "
-                                 f"this trainer has {self.names} with {self.aggregator!r}")
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.step_count = state["step"]
-        self._records = _Records.from_state(state["history"])
-        self._aggregators = list(state["aggregators"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.state_agg is not None and state["agg_state"]:
-            for k, v in state["agg_state"].items():
-                setattr(self.state_agg, k, None if v is None else (np.asarray(v) if isinstance(v, list) else v))
+        """Resume from the checkpoint folder ``path``: refused (nothing changed) when it is
+        damaged, not a trainer checkpoint, or was written with other settings."""
+        path = Path(path)
+        mpath = path / CHECKPOINT_MANIFEST
+        meta = storage.read_json(mpath, "MTL training checkpoint")
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise WorkbenchError(f"{str(mpath)!r} is not a workbench MTL training checkpoint (written by an older "
+                                 "version, or by something else); use another folder")
+        storage.require_keys(meta, ("step", "config", "aggregator", "aggregator_params", "aggregator_state",
+                                    "param_groups", "tensors"), mpath)
+        if meta["aggregator"] != self.aggregator or meta["aggregator_params"] != self.agg_params:
+            raise WorkbenchError(f"checkpoint {str(path)!r} was training with {meta['aggregator']!r} "
+                                 f"{meta['aggregator_params']}; this trainer has {self.aggregator!r} {self.agg_params}: "
+                                 "resume with the same aggregator, or train into another folder")
+        saved, mine = meta["config"], self._config()
+        keys = [k for k in mine if k != "aggregators"]
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, this trainer {mine[k]!r}" for k in keys if saved.get(k) != mine[k]]
+        if diff:
+            raise WorkbenchError(f"checkpoint {str(path)!r} was written with other settings ({'; '.join(diff)}); "
+                                 "resume with the same ones, or train into another folder")
+        t = storage.read_committed(path, CHECKPOINT_MANIFEST, "MTL training checkpoint", manifest=meta)
+        wpath = path / meta["tensors"]["file"]
+        sd = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
+        storage.check_tensors(sd, {k: tuple(v.shape) for k, v in self.model.state_dict().items()}, wpath)
+        if "rng.torch" not in t:
+            raise WorkbenchError(f"{str(wpath)!r} lacks the random state (rng.torch); the checkpoint is damaged")
+        opt_state: dict[int, dict] = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, idx, key = k.split(".", 2)
+                opt_state.setdefault(int(idx), {})[key] = v
+        history = {k[len("history."):]: v for k, v in t.items() if k.startswith("history.")}
+        if len({len(v) for v in history.values()}) > 1:
+            raise WorkbenchError(f"{str(wpath)!r}: the history arrays have different lengths; the checkpoint is damaged")
+        try:  # the optimizer first: it can refuse; the model's names and shapes are checked above
+            self.opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+            self.model.load_state_dict(sd)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise WorkbenchError(f"cannot resume from {str(path)!r}: {e}") from None
+        self.step_count = int(meta["step"])
+        self._records = _Records.from_state(history)
+        self._aggregators = list(meta["config"]["aggregators"])
+        torch.set_rng_state(t["rng.torch"])
+        if self.state_agg is not None:
+            for k, v in meta["aggregator_state"].items():
+                setattr(self.state_agg, k, v)
+            for k, v in t.items():
+                if k.startswith("agg."):
+                    setattr(self.state_agg, k[len("agg."):], v.numpy().copy())
+                elif k.startswith("aggt."):
+                    setattr(self.state_agg, k[len("aggt."):], v.clone())
+
+
+CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX = "mtl_state.json", "mtl_state"
+CHECKPOINT_FORMAT = "workbench-mtl-checkpoint"
+
+
+def check_count(value, name: str) -> int:
+    """An integer >= 1 (not a bool), or an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise WorkbenchError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def aggregator_keywords(aggregator: str) -> list[str]:
+    """The keyword parameters ``aggregator`` accepts (``aggregator_params``)."""
+    from workbench.mtl import aggregators
+
+    fn = {"uncertainty": UncertaintyWeighting, "gradnorm": GradNorm}.get(aggregator) or getattr(aggregators, aggregator,
+                                                                                                  None)
+    if not callable(fn):
+        return []
+    params = [p.name for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return params[1:]  # the first is the Jacobian (stateless) or n_tasks (stateful), given by the trainer
+
+
+def build_aggregator(aggregator: str, params: dict, n_tasks: int):
+    """Check ``params`` against what ``aggregator`` accepts (unknown names and values it
+    refuses are a WorkbenchError now, not at the first step) and build the state of a
+    stateful one (None for a stateless one)."""
+    accepted = aggregator_keywords(aggregator)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise WorkbenchError(f"aggregator {aggregator!r} takes no parameter(s) {unknown}; it accepts "
+                             f"{accepted if accepted else 'none'}")
+    try:
+        if aggregator == "uncertainty":
+            return UncertaintyWeighting(n_tasks, **params)
+        if aggregator == "gradnorm":
+            return GradNorm(n_tasks, **params)
+        aggregate(torch.eye(n_tasks, n_tasks + 1), aggregator, **params)  # a trial on a tiny Jacobian
+    except WorkbenchError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise WorkbenchError(f"aggregator_params {params} are not valid for {aggregator!r}: {e}") from None
+    return None
 
 
 def transfer(single: dict[str, float], multi: dict[str, float], *, lower_is_better: bool = True) -> dict[str, float]:
     """Relative transfer per task against its single-task baseline: positive means the
-    multi-task run did better (negative transfer shows as < 0)."""
+    multi-task run did better (negative transfer shows as < 0). Both dicts must name the
+    same tasks; a baseline of 0 or a non-finite value has no relative transfer (an error)."""
+    if not isinstance(single, Mapping) or not isinstance(multi, Mapping):
+        raise WorkbenchError("transfer takes two dicts task -> metric (single-task baselines, multi-task results)")
+    if set(single) != set(multi):
+        raise WorkbenchError(f"single and multi must name the same tasks; only in single: "
+                             f"{sorted(set(single) - set(multi), key=str)}, only in multi: "
+                             f"{sorted(set(multi) - set(single), key=str)}")
     out = {}
     for t, s in single.items():
         m = multi[t]
+        try:
+            s, m = float(s), float(m)
+        except (TypeError, ValueError):
+            raise WorkbenchError(f"task {t!r}: baseline {s!r} and multi-task {m!r} must be numbers") from None
+        if not (math.isfinite(s) and math.isfinite(m)) or s == 0:
+            raise WorkbenchError(f"task {t!r}: baseline {s} and multi-task {m} give no transfer value "
+                                 "(relative transfer needs finite values and a non-zero baseline)")
         out[t] = (s - m) / abs(s) if lower_is_better else (m - s) / abs(s)
-        if math.isnan(out[t]):
-            raise WorkbenchError(f"task {t!r}: baseline {s} and multi-task {m} give no transfer value")
     return out
+
+
+MAX_GROUPINGS = 1_000_000
 
 
 def task_groups(affinity: np.ndarray, names: Sequence[str], n_groups: int = 2) -> list[list[str]]:
@@ -404,10 +609,19 @@ def task_groups(affinity: np.ndarray, names: Sequence[str], n_groups: int = 2) -
     affinity (Z[i, j] + Z[j, i]), by exhaustive search (fine for up to ~10 tasks)."""
     import itertools
 
-    z = np.asarray(affinity)
+    z = np.asarray(affinity, dtype=np.float64)
+    names = list(names)
     T = len(names)
     if z.shape != (T, T):
         raise WorkbenchError(f"affinity is {z.shape}, expected ({T}, {T})")
+    if isinstance(n_groups, bool) or not isinstance(n_groups, numbers.Integral) or not 1 <= n_groups <= T:
+        raise WorkbenchError(f"n_groups must be an integer from 1 to the number of tasks ({T}), got {n_groups!r}")
+    if not np.isfinite(z).all():
+        raise WorkbenchError("affinity holds NaN or inf; pass finite affinities (e.g. a history's mean over steps "
+                             "with np.nanmean)")
+    if n_groups ** T > MAX_GROUPINGS:
+        raise WorkbenchError(f"exhaustive search over {n_groups}^{T} groupings of {T} tasks is too slow "
+                             f"(limit {MAX_GROUPINGS:,}); use fewer tasks or groups")
     best, best_val = None, -np.inf
     for labels in itertools.product(range(n_groups), repeat=T):
         if labels[0] != 0 or len(set(labels)) != n_groups:

@@ -3,10 +3,26 @@ side, one task per digit) on a small shared network."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 from workbench.data import multidigits
+from workbench.errors import WorkbenchError
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (not a bool), or an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise WorkbenchError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_split(split, valid=("train", "test")) -> str:
+    if split not in valid:
+        raise WorkbenchError(f"unknown split {split!r}; use {' or '.join(repr(v) for v in valid)}")
+    return split
 
 
 class MultiDigitsNet(nn.Module):
@@ -14,7 +30,8 @@ class MultiDigitsNet(nn.Module):
 
     def __init__(self, hidden: int = 64, seed: int = 0) -> None:
         super().__init__()
-        torch.manual_seed(seed)
+        hidden = check_int(hidden, "hidden")
+        torch.manual_seed(check_int(seed, "seed", 0))
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(128, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.heads = nn.ModuleDict({"left": nn.Linear(hidden, 10), "right": nn.Linear(hidden, 10)})
 
@@ -30,7 +47,19 @@ def multidigits_tensors(split: str = "train", n: int | None = None, seed: int = 
 
 def batch_sampler(data: dict[str, torch.Tensor], batch_size: int, seed: int = 0):
     """``step -> batch``: a seeded function of the step, so resumed runs see the same batches."""
-    n = len(next(iter(data.values())))
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        got = (type(data).__name__ if not isinstance(data, dict) else "an empty dict" if not data
+               else f"values {sorted({type(v).__name__ for v in data.values()})}")
+        raise WorkbenchError(f"data must be a non-empty dict name -> tensor (rows first), e.g. multidigits_tensors(); "
+                             f"got {got}")
+    lengths = {k: (len(v) if v.ndim else 0) for k, v in data.items()}
+    if len(set(lengths.values())) != 1:
+        raise WorkbenchError(f"the tensors of data must have the same number of rows, got {lengths}")
+    n = next(iter(lengths.values()))
+    if n < 1:
+        raise WorkbenchError("data holds no rows to sample batches from")
+    batch_size = check_int(batch_size, "batch_size")
+    seed = check_int(seed, "seed", 0)
 
     def sample(step: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -46,9 +75,14 @@ def digit_losses() -> dict:
 
 
 def accuracy(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per task, the share of rows whose arg-max class is the label ``data[task]``."""
     model.eval()
     with torch.no_grad():
         out = model(data)
+    missing = [t for t in out if t not in data]
+    if missing:
+        raise WorkbenchError(f"data has no labels for task(s) {missing} (it holds {list(data)}); "
+                             "pass a dict with one label tensor per task, e.g. multidigits_tensors('test')")
     return {t: float((out[t].argmax(-1) == data[t]).float().mean()) for t in out}
 
 
@@ -104,14 +138,20 @@ class TextTasks:
 
         import workbench
         from workbench.data.builders import finetune_data
-        from workbench.errors import WorkbenchError
 
+        if isinstance(tasks, str) or isinstance(same_prompts, str):
+            raise WorkbenchError(f"tasks and same_prompts must be lists of task names, got the string "
+                                 f"{tasks if isinstance(tasks, str) else same_prompts!r}; e.g. ('capitalize', 'first_letter')")
         self.names = tuple(tasks)
         same = tuple(same_prompts or ())
         if len(self.names) < 2 or len(set(self.names)) != len(self.names):
             raise WorkbenchError(f"need at least two distinct tasks, got {list(self.names)}")
         if any(t not in self.names for t in same) or len(same) == 1:
             raise WorkbenchError(f"same_prompts must name two or more of the tasks {list(self.names)}, got {list(same)}")
+        from workbench.data import get_task
+
+        for t in self.names:  # unknown names are refused before the model loads
+            get_task(t)
         subject = workbench.load(model, device="cpu")
         if not subject.has_logits:
             raise WorkbenchError(f"the text workload needs a model with an LM head; {model!r} has none "
@@ -138,6 +178,11 @@ class TextTasks:
             for t in same:
                 both = {**pairs[t]["train"], **pairs[t]["test"]}
                 pairs[t] = {"train": {w: both[w] for w in common_train}, "test": {w: both[w] for w in common_test}}
+        empty = [f"{t} ({s})" for t in self.names for s in ("train", "test") if not pairs[t][s]]
+        if empty:
+            raise WorkbenchError(f"no words left for {', '.join(empty)}"
+                                 f"{f': the same-prompt tasks {list(same)} share no input words' if same else ''}; "
+                                 "pick tasks over the same words (e.g. capitalize and first_letter) or same_prompts=()")
         self.words = {t: {s: list(pairs[t][s]) for s in ("train", "test")} for t in self.names}
         self._data = {s: self._tensors({t: pairs[t][s] for t in self.names}) for s in ("train", "test")}
 
@@ -166,7 +211,9 @@ class TextTasks:
     def sampler(self, batch_per_task: int = 16, seed: int = 0, split: str = "train"):
         """``step -> batch`` of ``batch_per_task`` rows per task, a seeded function of the
         step; the same-prompt tasks get the same words."""
-        d = self._data[split]
+        d = self._data[check_split(split)]
+        batch_per_task = check_int(batch_per_task, "batch_per_task")
+        seed = check_int(seed, "seed", 0)
         keys = ("input_ids", "attention_mask", "answer", "task")
 
         def sample(step: int) -> dict[str, torch.Tensor]:
@@ -189,7 +236,7 @@ class TextTasks:
 
     def batch(self, split: str = "test") -> dict[str, torch.Tensor]:
         """Every row of a split as one batch."""
-        d = self._data[split]
+        d = self._data[check_split(split)]
         return {k: d[k] for k in ("input_ids", "attention_mask", "answer", "task")}
 
     def accuracy(self, model: nn.Module, split: str = "test") -> dict[str, float]:
