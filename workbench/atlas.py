@@ -8,8 +8,9 @@ For every pair of tasks (28 pairs for the 8 word tasks) it measures
 - ``merge_ta`` / ``merge_ties``: the pair's task vectors merged (task arithmetic, TIES at
   ``density``), the scale ``lam`` tuned per pair on training queries; the mean over the
   two tasks of held-out accuracy relative to each task's own fine-tuned model;
-- ``cotrain``: both tasks fine-tuned together (alternating batches, the same number of
-  steps on each task as alone) against each alone; the mean over the two tasks of the
+- ``cotrain``: both tasks fine-tuned together (alternating batches, starting with the
+  task first in alphabetical order, the same number of steps on each task as alone)
+  against each alone; the mean over the two tasks of the
   held-out accuracy gain (``cotrain_directed[a, b]`` is what training with b does to a);
 
 **relatedness from every lens** (higher = more shared), overall and per block
@@ -193,8 +194,9 @@ def ground_truth(subject, tasks: Sequence[str], cfg: AtlasConfig, cache: StageCa
                 got = pair_ev.correct_of(pair_ev.merged(method, [1.0, 1.0], lam=lam, **_method_kwargs(method, cfg)))
                 merge_c[m].setdefault((a, b), []).append(got[ta])
                 merge_c[m].setdefault((b, a), []).append(got[tb])
-            both = cache.weights(f"pair-{ta}-{tb}-s{seed}", lambda ta=ta, tb=tb: finetune(
-                subject, [ta, tb], steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed))
+            first, second = sorted((ta, tb))  # batches alternate from the first name: one order for every task list
+            both = cache.weights(f"pair-{first}-{second}-s{seed}", lambda f=first, s=second: finetune(
+                subject, [f, s], steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed))
             got = pair_ev.correct_of(both)
             pair_c.setdefault((a, b), []).append(got[ta])
             pair_c.setdefault((b, a), []).append(got[tb])
