@@ -63,3 +63,36 @@ def test_busy_processes_are_left_their_cores(tmp_path, monkeypatch):
         assert threads.available_cpus(root, stat=str(stat)) == want
     stat.write_text("garbage")
     assert threads.available_cpus(root, stat=str(stat)) == 2
+
+
+def test_reproducible_pins_seed_and_threads_and_reruns_bit_identically():
+    import random
+
+    import numpy as np
+
+    import workbench
+    from workbench.taskvec import finetune
+
+    before = torch.get_num_threads()
+    try:
+        workbench.reproducible(7, threads=1)
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+        draws = (random.random(), float(np.random.rand()), float(torch.rand(())))
+        workbench.reproducible(7, threads=1)
+        assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == draws
+        lm = workbench.load("tasklm")
+        a = finetune(lm, "antonym", steps=3, batch_size=8, seed=3)
+        b = finetune(lm, "antonym", steps=3, batch_size=8, seed=3)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert any(not torch.equal(a[k], lm.model.state_dict()[k]) for k in a)  # it trained
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", True])
+def test_reproducible_refuses_a_bad_seed(seed):
+    import workbench
+
+    with pytest.raises(WorkbenchError, match="seed"):
+        workbench.reproducible(seed)
