@@ -180,7 +180,7 @@ print("copy accuracy", ret["copy_accuracy"].mean().round(3), "| retrieval scores
 cap = icl_prompts("capitalize", 4, 64, seed=3, tokenizer=lm.tokenizer)
 scan_cap = scan_heads(lm, list(cap["prompt"]), metric=functools.partial(metrics.answer_logprob, answers=list(cap["answer_id"])),
                       attribution=False)
-overlap = head_overlap(scan_icl["effect"], scan_cap["effect"], k=3)
+overlap = head_overlap(scan_icl["effect"], scan_cap["effect"], top_k=3)
 overlap
 
 # %% [markdown]

@@ -197,12 +197,12 @@ for name, _ in ig.top(12):
     site, j = name.split("/")
     if j != "err" and sum(map(len, top_feats.values())) < 6:
         top_feats.setdefault(site, []).append(int(j))
-shift = ablate_features(lm, saes, top_feats, clean, metric, value="mean", means=means)
+shift = ablate_features(lm, saes, top_feats, clean, metric, replacement="mean", means=means)
 rng = np.random.default_rng(0)
 random_changes = []
 for draw in range(5):
     feats = {s: rng.choice(256, len(js), replace=False).tolist() for s, js in top_feats.items()}
-    random_changes.append(ablate_features(lm, saes, feats, clean, metric, value="mean", means=means).change)
+    random_changes.append(ablate_features(lm, saes, feats, clean, metric, replacement="mean", means=means).change)
 print(f"ablating {top_feats}: logit diff {shift['before'].mean():.2f} -> {shift['after'].mean():.2f}; "
       f"random features: {np.mean(random_changes):+.3f} +- {np.std(random_changes):.3f}")
 

@@ -325,7 +325,7 @@ class CircuitExplorer(W.VBox):
         def run():
             site, f = self._selected_feature()
             value = self.ablate_value.value
-            return ablate_features(self.subject, self.saes, {site: [f]}, self.clean, self.metric, value=value,
+            return ablate_features(self.subject, self.saes, {site: [f]}, self.clean, self.metric, replacement=value,
                                    means=self.means if value == "mean" else None)
 
         return self._run(run)

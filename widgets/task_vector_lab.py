@@ -211,7 +211,7 @@ class TaskVectorLab(W.VBox):
             if self.subject is not None:
                 from workbench.taskvec.accuracy import layer_sweep
 
-                self._sweeps[key] = layer_sweep(self.subject, self.fv, self.heads, n=self.n_sweep)
+                self._sweeps[key] = layer_sweep(self.subject, self.fv, self.heads, n_prompts=self.n_sweep)
             else:
                 same = [s for (t, hs), s in self._sweeps.items() if t == self.task and set(hs) == set(self.heads)]
                 return same[0] if same else None

@@ -206,8 +206,13 @@ class Result:
             head = json.loads(meta)
         except ValueError as err:
             raise WorkbenchError(f"{path!r} holds a damaged workbench result header ({err})") from err
+        if not isinstance(head, dict):
+            raise WorkbenchError(f"{path!r} holds a damaged workbench result header (not a JSON object)")
         if head.get("format_version") != FORMAT_VERSION:
             raise WorkbenchError(f"{path!r} has result format {head.get('format_version')}; this version reads {FORMAT_VERSION}")
+        lacking = [k for k in ("kind", "dims", "var_dims", "var_dtypes", "attrs", "provenance") if k not in head]
+        if lacking:
+            raise WorkbenchError(f"{path!r}: the result header lacks {lacking}; the file is damaged")
         missing = [n for n in head["var_dims"] if n not in arrays]
         if missing:
             raise WorkbenchError(f"{path!r} lacks the arrays of variables {missing}; the file is damaged")

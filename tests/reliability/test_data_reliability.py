@@ -58,10 +58,10 @@ class FakeSubject:
 # (name, call(), regex the WorkbenchError message must match)
 ERRORS = [
     # --- icl_prompts / zero_shot_prompts / multitask_data / finetune_data
-    ("fractional demonstrations", lambda: D.icl_prompts("antonym", 2.5, 3), r"need integers k >= 0 demonstrations .*got k=2.5"),
-    ("fractional prompt count", lambda: D.icl_prompts("antonym", 2, 2.5), r"got n=2.5"),
-    ("True demonstrations", lambda: D.icl_prompts("antonym", True, 2), r"got k=True"),
-    ("demonstrations as a string", lambda: D.icl_prompts("antonym", "2", 2), r"got k='2'"),
+    ("fractional demonstrations", lambda: D.icl_prompts("antonym", 2.5, 3), r"need integers n_demos >= 0 and n_prompts >= 1, got n_demos=2.5"),
+    ("fractional prompt count", lambda: D.icl_prompts("antonym", 2, 2.5), r"got n_prompts=2.5"),
+    ("True demonstrations", lambda: D.icl_prompts("antonym", True, 2), r"got n_demos=True"),
+    ("demonstrations as a string", lambda: D.icl_prompts("antonym", "2", 2), r"got n_demos='2'"),
     ("tasks None", lambda: D.icl_prompts(None, 2, 2), r"tasks must be a task name, a Task or a list of them, got NoneType"),
     ("tasks an int", lambda: D.icl_prompts(3, 2, 2), r"tasks must be a task name, a Task or a list of them, got int"),
     ("a task listed twice", lambda: D.icl_prompts(["antonym", "next_letter", "antonym"], 2, 2),
@@ -84,11 +84,11 @@ ERRORS = [
     ("an unknown answer policy", lambda: D.icl_prompts("antonym", 2, 2, tokenizer=words(), answer_policy="skip"),
      r"unknown answer_policy 'skip'; valid: drop, first_token, error"),
     ("more demonstrations than test pairs", lambda: D.icl_prompts("next_letter", 8, 2, split="test"),
-     r"task 'next_letter' has \d+ pairs in split 'test'; k=8 demonstrations need at least 9"),
-    ("zero-shot prompts with demonstrations", lambda: D.zero_shot_prompts("antonym", 2, k=3),
-     r"zero-shot prompts have no demonstrations, got k=3; use icl_prompts"),
-    ("zero-shot prompts of none", lambda: D.zero_shot_prompts("antonym", -2), r"n >= 1 prompts, got k=0, n=-2"),
-    ("multitask data per task 0", lambda: D.multitask_data(["antonym"], n_per_task=0), r"n >= 1 prompts, got k=0, n=0"),
+     r"task 'next_letter' has \d+ pairs in split 'test'; n_demos=8 demonstrations need at least 9"),
+    ("zero-shot prompts with demonstrations", lambda: D.zero_shot_prompts("antonym", 2, n_demos=3),
+     r"zero-shot prompts have no demonstrations, got n_demos=3; use icl_prompts"),
+    ("zero-shot prompts of none", lambda: D.zero_shot_prompts("antonym", -2), r"n_prompts >= 1 prompts, got n_demos=0, n_prompts=-2"),
+    ("multitask data per task 0", lambda: D.multitask_data(["antonym"], n_per_task=0), r"n_prompts >= 1 prompts, got n_demos=0, n_prompts=0"),
     ("multitask data of a task twice", lambda: D.multitask_data(["antonym", "antonym"]), r"listed more than once"),
     ("multitask data of None", lambda: D.multitask_data(None), r"tasks must be a task name, a Task or a list of them"),
     ("fine-tuning data of an unknown split", lambda: D.finetune_data("antonym", split="dev"), r"unknown split 'dev'"),
@@ -246,7 +246,7 @@ def test_icl_prompts_over_its_space(k, n, tasks, split):
     except WorkbenchError as err:
         msg = str(err)
         dup = len(set(tasks)) < len(tasks)
-        assert (k < 0 or n < 1) and "k >= 0 demonstrations and n >= 1" in msg or dup and "listed more than once" in msg \
+        assert (k < 0 or n < 1) and "n_demos >= 0 demonstrations and n_prompts >= 1" in msg or dup and "listed more than once" in msg \
             or "demonstrations need at least" in msg, msg
         return
     assert len(ds) == n * len(tasks) and set(ds["task"]) == set(tasks)

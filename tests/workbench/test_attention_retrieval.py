@@ -37,7 +37,7 @@ def test_retrieval_needs_a_decoder(minilm):
 def test_head_overlap_exact():
     a = np.array([[5.0, 0.1, -4.0], [0.0, 3.0, 0.2]])
     b = np.array([[0.0, 0.1, 6.0], [2.0, 0.0, 0.2], ])
-    out = head_overlap(a, b, k=2)  # a: (0,0),(0,2); b: (0,2),(1,0)
+    out = head_overlap(a, b, top_k=2)  # a: (0,0),(0,2); b: (0,2),(1,0)
     assert out["shared"] == [(0, 2)] and out["jaccard"] == pytest.approx(1 / 3)
     assert out["chance"] == pytest.approx(4 / 6)
     with pytest.raises(WorkbenchError, match="differ in shape"):
@@ -50,7 +50,7 @@ def test_integrated_gradients_are_complete(which, tasklm, word_tokenizer):
     from workbench import from_model
 
     subject = tasklm if which == "tasklm" else from_model(make_tiny("gpt2", word_tokenizer), word_tokenizer)
-    r = token_attribution(subject, "hot -> cold ; big -> small ; tall ->", target="short", n_steps=64)
+    r = token_attribution(subject, "hot -> cold ; big -> small ; tall ->", target="short", ig_steps=64)
     assert r.attrs["tokens"][:2] == ["<bos>", "hot"] and r.attrs["target"] == "short"
     total = float(r["attribution"].sum())
     assert total == pytest.approx(r.attrs["logprob"] - r.attrs["baseline_logprob"], abs=0.05 * abs(total) + 1e-3)

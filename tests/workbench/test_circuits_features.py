@@ -51,7 +51,7 @@ def test_feature_flow_finds_a_permutation():
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         b.W_dec.copy_(a.W_dec[perm])
-    flow = feature_flow(a, b, top=3)
+    flow = feature_flow(a, b, top_k=3)
     inv = torch.argsort(perm)
     assert np.array_equal(flow["match"][:, 0], inv.numpy())
     assert np.allclose(flow["cosine"][:, 0], 1, atol=1e-5) and (flow["cosine"][:, 1] < 0.999).all()
@@ -86,5 +86,5 @@ def test_shift_ablation_known_answer(linear, pairs):  # noqa: F811
     np.testing.assert_allclose(r["after"] - r["before"], want, rtol=1e-4, atol=1e-5)
     with pytest.raises(WorkbenchError, match="no SAE given"):
         ablate_features(linear, {site: sae}, {"mlp_out.0": [1]}, clean, metric)
-    mean = ablate_features(linear, {site: sae}, {site: [2]}, clean, metric, value="mean")
+    mean = ablate_features(linear, {site: sae}, {site: [2]}, clean, metric, replacement="mean")
     assert mean.attrs["value"] == "mean" and np.isfinite(mean["after"]).all()

@@ -72,7 +72,7 @@ def test_bare_queries_are_ambiguous_across_tasks():
 def test_icl_prompts_format_and_no_query_in_demos():
     ds = icl_prompts(["antonym", "next_letter"], 3, 5, seed=1)
     assert isinstance(ds, Dataset) and len(ds) == 10
-    assert set(ds.column_names) >= {"task", "k", "prompt", "query", "answer", "demos"}
+    assert set(ds.column_names) >= {"task", "n_demos", "prompt", "query", "answer", "demos"}
     for row in ds:
         assert row["prompt"].endswith(f"{row['query']} ->")
         assert row["prompt"].count(" -> ") == 3 and row["prompt"].count(" ; ") == 3
@@ -130,9 +130,9 @@ def test_answer_policies_on_a_subword_tokenizer(minilm):
 
 
 def test_bad_builder_arguments():
-    with pytest.raises(WorkbenchError, match="k=30 demonstrations need at least 31"):
+    with pytest.raises(WorkbenchError, match="n_demos=30 demonstrations need at least 31"):
         icl_prompts("next_letter", 30, 2)
-    with pytest.raises(WorkbenchError, match="n >= 1"):
+    with pytest.raises(WorkbenchError, match="n_prompts >= 1"):
         icl_prompts("antonym", 2, 0)
     with pytest.raises(WorkbenchError, match="no tasks"):
         icl_prompts([], 2, 2)

@@ -97,8 +97,8 @@ def test_a_previous_token_head_feeds_an_induction_head(tasklm, induction):
 
 
 def test_in_context_task_inference_beats_zero_shot_on_every_task(tasklm):
-    icl = checks.icl_accuracy(tasklm, k=4)
-    zero = checks.icl_accuracy(tasklm, k=0)
+    icl = checks.icl_accuracy(tasklm, n_demos=4)
+    zero = checks.icl_accuracy(tasklm, n_demos=0)
     for task in task_names():
         assert icl[task] >= 0.8, (task, icl[task])
         assert icl[task] - zero[task] >= 0.35, (task, icl[task], zero[task])

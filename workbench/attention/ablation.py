@@ -143,6 +143,8 @@ def scan_heads(
     ``ig_steps`` > 0, integrated gradients with that many points per layer, which follow
     the metric through saturation where the clean gradient is near zero although
     ablating matters) and its Spearman agreement too."""
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 0:
+        raise WorkbenchError(f"ig_steps must be 0 (plain attribution patching) or a positive integer, got {ig_steps!r}")
     metric = resolve_metric(metric)
     pt = _patching(subject, prompts, replacement, reference, seed, skip_first)
     L, H = subject.n_layers, subject.n_heads

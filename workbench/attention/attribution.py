@@ -18,12 +18,14 @@ class TokenAttribution(Result):
     tokens, the target and captum's convergence delta."""
 
 
-def token_attribution(subject, prompt: str, *, target: str | int | None = None, n_steps: int = 50) -> TokenAttribution:
+def token_attribution(subject, prompt: str, *, target: str | int | None = None, ig_steps: int = 50) -> TokenAttribution:
     """Integrated gradients of log p(``target``) at the prompt's last token with respect
     to each input token's embedding (summed over the embedding dimensions). ``target``
-    defaults to the model's top prediction."""
+    defaults to the model's top prediction; ``ig_steps`` points on the path."""
     from captum.attr import LayerIntegratedGradients
 
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise WorkbenchError(f"ig_steps must be a positive integer (points on the integrated-gradients path), got {ig_steps!r}")
     if not subject.has_logits:
         raise WorkbenchError(f"{subject.name} has no language-model head to attribute a prediction of")
     batch = subject.tokenize([prompt])
@@ -48,12 +50,12 @@ def token_attribution(subject, prompt: str, *, target: str | int | None = None, 
         return out.float().log_softmax(-1)[:, target_id]
 
     lig = LayerIntegratedGradients(forward, subject.module("embed"))
-    attr, delta = lig.attribute(ids, baselines=baseline, n_steps=n_steps, return_convergence_delta=True)
+    attr, delta = lig.attribute(ids, baselines=baseline, n_steps=ig_steps, return_convergence_delta=True)
     per_token = attr.sum(-1)[0].detach().cpu().numpy()
     with torch.no_grad():
         full, base = float(forward(ids)[0]), float(forward(baseline)[0])
     tokens = token_strings(subject.tokenizer, ids[0].tolist())
-    params = {"prompt": prompt, "target_id": target_id, "n_steps": n_steps}
+    params = {"prompt": prompt, "target_id": target_id, "ig_steps": ig_steps}
     return TokenAttribution(
         dims={"position": list(range(len(tokens)))},
         data={"attribution": (("position",), per_token)},

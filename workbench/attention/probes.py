@@ -114,7 +114,7 @@ def _features(subject, inputs, labels, per: str, position: int | None, component
 
 def probe(
     subject,
-    inputs,
+    prompts,
     labels: Sequence,
     *,
     per: str = "prompt",
@@ -134,9 +134,9 @@ def probe(
     """
     if per not in ("prompt", "token"):
         raise WorkbenchError(f"per must be 'prompt' or 'token', got {per!r}")
-    if isinstance(inputs, (list, tuple)) and not inputs:
+    if isinstance(prompts, (list, tuple)) and not prompts:
         raise WorkbenchError("empty prompt list; pass at least one prompt")
-    feats, y, types = _features(subject, inputs, list(labels), per, position, components, batch_size)
+    feats, y, types = _features(subject, prompts, list(labels), per, position, components, batch_size)
     y = np.asarray([str(v) for v in y])
     y_ctrl = control_labels(types, y, seed) if control else None
     names = list(feats)

@@ -92,14 +92,17 @@ def top_heads(effects: np.ndarray, k: int) -> set[tuple[int, int]]:
     return {(int(i // effects.shape[1]), int(i % effects.shape[1])) for i in order}
 
 
-def head_overlap(effects_a: np.ndarray, effects_b: np.ndarray, k: int) -> dict:
-    """Overlap of the ``k`` most important heads of two tasks (from e.g. ``scan_heads``):
+def head_overlap(effects_a: np.ndarray, effects_b: np.ndarray, top_k: int) -> dict:
+    """Overlap of the ``top_k`` most important heads of two tasks (from e.g. ``scan_heads``):
     the shared heads, Jaccard index, and the overlap expected by chance (k^2 / N)."""
     a, b = np.asarray(effects_a), np.asarray(effects_b)
     if a.shape != b.shape:
         raise WorkbenchError(f"effect arrays differ in shape: {a.shape} vs {b.shape}")
-    if not 1 <= k <= a.size:
-        raise WorkbenchError(f"k must be in 1..{a.size}, got {k}")
+    if a.ndim != 2:
+        raise WorkbenchError(f"head effects must be [layer, head] arrays, got shape {a.shape}")
+    k = top_k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= a.size:
+        raise WorkbenchError(f"top_k must be an integer in 1..{a.size}, got {k!r}")
     sa, sb = top_heads(a, k), top_heads(b, k)
     shared = sorted(sa & sb)
     return {"shared": shared, "n_shared": len(shared), "jaccard": len(shared) / len(sa | sb),

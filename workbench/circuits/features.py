@@ -140,13 +140,15 @@ class FeatureFlow(Result):
     """For each feature of SAE A, its best-matching features of SAE B by decoder cosine."""
 
 
-def feature_flow(sae_a, sae_b, *, top: int = 5, chunk: int = 4096) -> FeatureFlow:
+def feature_flow(sae_a, sae_b, *, top_k: int = 5, chunk: int = 4096) -> FeatureFlow:
     """Decoder cosine similarities between the features of two SAEs over the same width
-    (consecutive layers of the residual stream, say): for each feature of A, the ``top``
+    (consecutive layers of the residual stream, say): for each feature of A, the ``top_k``
     features of B with the highest cosine. Computed in chunks (memory stays bounded)."""
     if sae_a.d_in != sae_b.d_in:
         raise WorkbenchError(f"feature flow needs SAEs of the same width; got d_in={sae_a.d_in} and d_in={sae_b.d_in}")
-    top = min(top, sae_b.d_sae)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise WorkbenchError(f"top_k must be a positive integer, got {top_k!r}")
+    top = min(top_k, sae_b.d_sae)
     a = torch.nn.functional.normalize(sae_a.W_dec.detach().float(), dim=1)
     b = torch.nn.functional.normalize(sae_b.W_dec.detach().float(), dim=1)
     vals, idx = [], []
@@ -225,15 +227,16 @@ def ablate_features(
     prompts,
     metric: Metric,
     *,
-    value: str = "zero",
+    replacement: str = "zero",
     means=None,
 ) -> Intervention:
     """SHIFT-style ablation: set ``features`` ({site: [feature, ...]}) to zero (or to their
-    mean, ``value="mean"``; ``means`` from :func:`feature_means`) with the SAEs spliced in
+    mean, ``replacement="mean"``; ``means`` from :func:`feature_means`) with the SAEs spliced in
     and error terms kept, so nothing else changes; the metric per prompt before and after."""
     saes = ordered_saes(subject, saes)
-    if value not in ("zero", "mean"):
-        raise WorkbenchError(f"value must be 'zero' or 'mean', got {value!r}")
+    if replacement not in ("zero", "mean"):
+        raise WorkbenchError(f"replacement must be 'zero' or 'mean', got {replacement!r}")
+    value = replacement
     unknown = [s for s in features if subject.site(s).name not in saes]
     if unknown:
         raise WorkbenchError(f"no SAE given for site {unknown[0]!r}; sites with SAEs: {list(saes)}")

@@ -120,8 +120,8 @@ def _seed_for(seed: int, *parts: str) -> int:
 
 def icl_prompts(
     tasks: str | Task | Iterable[str | Task],
-    k: int,
-    n: int,
+    n_demos: int,
+    n_prompts: int,
     *,
     seed: int = 0,
     split: Split = "all",
@@ -130,32 +130,32 @@ def icl_prompts(
     answer_policy: AnswerPolicy = "drop",
     fmt: PromptFormat = DEFAULT_FORMAT,
 ) -> Dataset:
-    """``n`` in-context prompts per task with ``k`` demonstrations each.
+    """``n_prompts`` in-context prompts per task with ``n_demos`` demonstrations each.
 
     Queries and demonstrations come from ``split``; a query never appears among its own
     demonstrations. ``shuffle_labels=True`` permutes the demonstration outputs among
     themselves, breaking the mapping while keeping the output words (the corrupted
-    prompts of function-vector analyses). Columns: task, k, prompt, query, answer,
+    prompts of function-vector analyses). Columns: task, n_demos, prompt, query, answer,
     demos (list of [x, y]) and, with a tokenizer, answer_id, answer_ids.
     """
-    for v, what in ((k, "k"), (n, "n")):
+    for v, what in ((n_demos, "n_demos"), (n_prompts, "n_prompts")):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise WorkbenchError(f"need integers k >= 0 demonstrations and n >= 1 prompts, got {what}={v!r}")
-    k, n = int(k), int(n)
+            raise WorkbenchError(f"need integers n_demos >= 0 and n_prompts >= 1, got {what}={v!r}")
+    k, n = int(n_demos), int(n_prompts)
     if k < 0 or n < 1:
-        raise WorkbenchError(f"need k >= 0 demonstrations and n >= 1 prompts, got k={k}, n={n}")
+        raise WorkbenchError(f"need n_demos >= 0 demonstrations and n_prompts >= 1 prompts, got n_demos={k}, n_prompts={n}")
     tasks = task_list(tasks)
     seed = check_seed(seed)
     check_split(split)
     check_format(fmt)
     if tokenizer is not None:
         check_tokenizer(tokenizer)
-    rows: dict[str, list] = {c: [] for c in ("task", "k", "prompt", "query", "answer", "demos")}
+    rows: dict[str, list] = {c: [] for c in ("task", "n_demos", "prompt", "query", "answer", "demos")}
     for task in tasks:
         pool = task.split(split)
         if len(pool) < k + 1:
             raise WorkbenchError(
-                f"task {task.name!r} has {len(pool)} pairs in split {split!r}; k={k} demonstrations need at least {k + 1}"
+                f"task {task.name!r} has {len(pool)} pairs in split {split!r}; n_demos={k} demonstrations need at least {k + 1}"
             )
         rng = random.Random(_seed_for(seed, task.name, str(k), split, str(shuffle_labels)))
         order = list(range(len(pool)))
@@ -170,7 +170,7 @@ def icl_prompts(
                 demos = [(x, y) for (x, _), y in zip(demos, ys)]
             q, a = pool[qi]
             rows["task"].append(task.name)
-            rows["k"].append(k)
+            rows["n_demos"].append(k)
             rows["prompt"].append(fmt.prompt(demos, q))
             rows["query"].append(q)
             rows["answer"].append(a)
@@ -178,12 +178,12 @@ def icl_prompts(
     return _finish(rows, tokenizer, answer_policy)
 
 
-def zero_shot_prompts(tasks, n: int, **kwargs) -> Dataset:
-    """Bare queries ``x ->`` with no demonstrations (``icl_prompts`` with k=0)."""
-    if "k" in kwargs:
-        raise WorkbenchError(f"zero-shot prompts have no demonstrations, got k={kwargs['k']!r}; "
-                             "use icl_prompts(tasks, k, n) for demonstrations")
-    return icl_prompts(tasks, 0, n, **kwargs)
+def zero_shot_prompts(tasks, n_prompts: int, **kwargs) -> Dataset:
+    """Bare queries ``x ->`` with no demonstrations (``icl_prompts`` with n_demos=0)."""
+    if "n_demos" in kwargs:
+        raise WorkbenchError(f"zero-shot prompts have no demonstrations, got n_demos={kwargs['n_demos']!r}; "
+                             "use icl_prompts(tasks, n_demos, n_prompts) for demonstrations")
+    return icl_prompts(tasks, 0, n_prompts, **kwargs)
 
 
 def check_format(fmt) -> PromptFormat:
@@ -206,7 +206,7 @@ def finetune_data(
     pairs = t.split(split)
     rows = {
         "task": [t.name] * len(pairs),
-        "k": [0] * len(pairs),
+        "n_demos": [0] * len(pairs),
         "prompt": [fmt.prompt([], x) for x, _ in pairs],
         "query": [x for x, _ in pairs],
         "answer": [y for _, y in pairs],
@@ -215,9 +215,10 @@ def finetune_data(
     return _finish(rows, tokenizer, answer_policy)
 
 
-def multitask_data(tasks: Iterable[str | Task], *, k: int = 0, n_per_task: int = 64, seed: int = 0, **kwargs) -> Dataset:
+def multitask_data(tasks: Iterable[str | Task], *, n_demos: int = 0, n_per_task: int = 64, seed: int = 0,
+                   **kwargs) -> Dataset:
     """Prompts of several tasks in one dataset, shuffled, with a ``task`` column for batching."""
-    ds = icl_prompts(task_list(tasks), k, n_per_task, seed=seed, **kwargs)
+    ds = icl_prompts(task_list(tasks), n_demos, n_per_task, seed=seed, **kwargs)
     return ds.shuffle(seed=seed)
 
 

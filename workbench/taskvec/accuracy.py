@@ -84,7 +84,7 @@ class LayerSweep(Result):
 
 @torch.no_grad()
 def layer_sweep(subject, fv: FunctionVector, heads: Sequence[tuple[int, int]] | None = None, *, top_k: int = 10,
-                layers: Sequence[int] | None = None, n: int = 64, split: str = "test", seed: int = 0,
+                layers: Sequence[int] | None = None, n_prompts: int = 64, split: str = "test", seed: int = 0,
                 scale: float = 1.0) -> LayerSweep:
     """Accuracy on held-out zero-shot queries of ``fv.task`` with ``scale`` x the summed
     projected mean outputs of ``heads`` (default: the ``top_k`` heads by indirect effect;
@@ -92,10 +92,10 @@ def layer_sweep(subject, fv: FunctionVector, heads: Sequence[tuple[int, int]] | 
     heads = fv.top_heads(top_k) if heads is None else [(int(l), int(h)) for l, h in heads]
     layers = list(range(subject.n_layers)) if layers is None else [subject.site(f"resid_pre.{l}").layer for l in layers]
     vector = fv.vector(heads=heads)
-    b, answers = zero_shot_batch(subject, fv.task, n, split=split, seed=seed)
+    b, answers = zero_shot_batch(subject, fv.task, n_prompts, split=split, seed=seed)
     base = add_vector_accuracy(subject, b, answers, torch.zeros_like(vector), layers[0])
     acc = [add_vector_accuracy(subject, b, answers, vector, l, scale) for l in layers]
-    params = {"task": fv.task, "heads": heads, "layers": layers, "n": n, "split": split, "scale": scale}
+    params = {"task": fv.task, "heads": heads, "layers": layers, "n_prompts": n_prompts, "split": split, "scale": scale}
     return LayerSweep(
         dims={"layer": layers},
         data={"accuracy": (("layer",), np.asarray(acc, dtype=np.float64)), "zero_shot": ((), np.asarray(base))},

@@ -161,6 +161,8 @@ def icl_task_vectors(
     if mode not in ("replace", "add"):
         raise WorkbenchError(f"unknown mode {mode!r}; use 'replace' (Hendel et al.) or 'add'")
     tasks = [get_task(t).name for t in ([tasks] if isinstance(tasks, str) else tasks)]
+    if not tasks:
+        raise WorkbenchError("no tasks given; pass one task name or a list of them (workbench.data.task_names())")
     layers = list(range(subject.n_layers)) if layers is None else [subject.site(f"resid_pre.{l}").layer for l in layers]
     sites = [f"resid_pre.{l}" for l in layers]
     acc = np.zeros((len(tasks), len(layers)))

@@ -18,11 +18,12 @@ def _last_logits(subject, prompts: list[str], batch_size: int = 256) -> torch.Te
     return torch.cat([last_logits(subject.logits(b), b) for b in subject.batches(prompts, batch_size)])
 
 
-def icl_accuracy(subject, *, k: int = 4, n: int = 100, seed: int = EVAL_SEED, tasks=None, split="all") -> dict[str, float]:
-    """Top-1 accuracy of the answer after ``k`` demonstrations, per task (k=0: zero-shot)."""
+def icl_accuracy(subject, *, n_demos: int = 4, n_prompts: int = 100, seed: int = EVAL_SEED, tasks=None,
+                 split="all") -> dict[str, float]:
+    """Top-1 accuracy of the answer after ``n_demos`` demonstrations, per task (0: zero-shot)."""
     out = {}
     for task in tasks or task_names():
-        ds = icl_prompts(task, k, n, seed=seed, split=split, tokenizer=subject.tokenizer)
+        ds = icl_prompts(task, n_demos, n_prompts, seed=seed, split=split, tokenizer=subject.tokenizer)
         pred = _last_logits(subject, ds["prompt"]).argmax(-1)
         out[task] = float((pred == torch.tensor(ds["answer_id"], device=pred.device)).float().mean())
     return out

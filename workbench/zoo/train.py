@@ -269,9 +269,9 @@ def measure(path: Path) -> dict:
     from workbench.zoo import checks
 
     subject = load(str(path), device="cpu")
-    icl = checks.icl_accuracy(subject, k=4)
-    icl1 = checks.icl_accuracy(subject, k=1)
-    zero = checks.icl_accuracy(subject, k=0)
+    icl = checks.icl_accuracy(subject, n_demos=4)
+    icl1 = checks.icl_accuracy(subject, n_demos=1)
+    zero = checks.icl_accuracy(subject, n_demos=0)
     return {
         "icl_k4": icl,
         "icl_k1": icl1,
