@@ -54,7 +54,7 @@ import torch
 from workbench.blocks import block_order, layer_block
 from workbench.errors import WorkbenchError
 from workbench.results import Result, provenance, register
-from workbench.stats import cosine, spearman
+from workbench.stats import bootstrap_spearman, cosine, spearman
 
 TRUTHS = ("merge_ta", "merge_ties", "cotrain")
 LENSES = {
@@ -595,11 +595,7 @@ def atlas_agreement(atlas: TaskAtlas, *, n_boot: int = 1000, seed: int = 0) -> A
     low, high = rho.copy(), rho.copy()
     for i, m in enumerate(lens):
         for j, g in enumerate(truths):
-            def stat(rng, m=m, g=g):
-                idx = np.arange(len(pairs)) if rng is None else rng.integers(0, len(pairs), len(pairs))
-                return spearman(vec[m][idx], vec[g][idx])
-
-            rho[i, j], low[i, j], high[i, j] = _boot_ci(stat, n_boot, seed + 31 * i + j)
+            rho[i, j], low[i, j], high[i, j] = bootstrap_spearman(vec[m], vec[g], n_boot=n_boot, seed=seed + 31 * i + j)
     between = np.array([[spearman(vec[a], vec[b]) for b in lens] for a in lens])
     return AtlasAgreement(
         dims={"measure": lens, "truth": truths, "measure_b": lens},

@@ -39,4 +39,37 @@ def spearman(a, b) -> float:
     return float(spearmanr(a[ok], b[ok]).statistic)
 
 
-__all__ = ["cosine", "cosine_from_gramian", "spearman"]
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of ``a`` with the same row of ``b`` ([n, m] each),
+    vectorised (average ranks for ties, as :func:`spearman`); NaN for a constant row.
+    Rows must be finite."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def bootstrap_spearman(a, b, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman of ``a`` and ``b`` (paired items) and its 95% percentile interval over
+    ``n_boot`` resamples of the items with replacement (resamples where a side is constant
+    are left out). Items where either side is not finite are dropped first."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    rho = spearman(a, b)
+    if len(a) < 3:
+        return rho, float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    draws = spearman_rows(a[idx], b[idx])
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return rho, float("nan"), float("nan")
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return rho, float(lo), float(hi)
+
+
+__all__ = ["bootstrap_spearman", "cosine", "cosine_from_gramian", "spearman", "spearman_rows"]
