@@ -180,12 +180,12 @@ class _FeatureSite(SiteNodes):
         self.trailing = ((F,), (sae.W_dec.shape[1],))
 
     def _flat(self, x):
-        from workbench.circuits.buffer import flat
+        from workbench.layout import flat
 
         return flat(x, self.site)
 
     def _unflat(self, x):
-        from workbench.circuits.buffer import unflat
+        from workbench.layout import unflat
 
         return unflat(x, self.site, self.subject)
 
@@ -273,7 +273,7 @@ class Features(Nodes):
         self.saes = saes
 
     def bind(self, subject):
-        from workbench.circuits.buffer import check_vector_site
+        from workbench.layout import check_vector_site
 
         out = []
         for name, sae in self.saes.items():
@@ -292,7 +292,7 @@ class Neurons(Nodes):
         self.site, self.idx = site, idx
 
     def bind(self, subject):
-        from workbench.circuits.buffer import VECTOR_KINDS, site_width
+        from workbench.layout import VECTOR_KINDS, site_width
 
         s = subject.site(self.site)
         if s.kind not in VECTOR_KINDS:

@@ -163,3 +163,43 @@ def all_sites(n_layers: int, has_logits: bool = True) -> list[str]:
     if has_logits:
         out.append("logits")
     return out
+
+
+# ---------------------------------------------------------------------- vector sites
+
+# site kinds that hold one vector per token: where SAE features and neurons are defined
+VECTOR_KINDS = ("embed", "resid_pre", "z", "attn_out", "mlp_out", "resid_post")
+
+
+def site_width(subject, site: str) -> int:
+    """Width of the per-token vector at ``site`` (d_model, or heads * d_head for ``z``)."""
+    s = check_vector_site(subject, site)
+    return subject.n_heads * subject.d_head if s.kind == "z" else subject.d_model
+
+
+def check_vector_site(subject, site: str):
+    """Parse ``site`` (unknown names list the valid ones) and require one vector per token."""
+    s = subject.site(site)
+    if s.kind not in VECTOR_KINDS:
+        valid = ["embed"] + [f"{k}.0..{subject.n_layers - 1}" for k in VECTOR_KINDS[1:]]
+        raise WorkbenchError(
+            f"site {s.name!r} does not hold one vector per token, so no SAE feature or neuron is defined on it; "
+            f"valid sites: {', '.join(valid)}"
+        )
+    return s
+
+
+def _kind(site) -> str:
+    return site.kind if hasattr(site, "kind") else str(site).split(".")[0]
+
+
+def flat(x: torch.Tensor, site) -> torch.Tensor:
+    """[batch, pos, ...] -> [batch, pos, width] (``z`` heads concatenated)."""
+    return x.reshape(*x.shape[:2], -1) if _kind(site) == "z" else x
+
+
+def unflat(x: torch.Tensor, site, subject) -> torch.Tensor:
+    """Inverse of :func:`flat`."""
+    if _kind(site) == "z":
+        return x.reshape(*x.shape[:2], subject.n_heads, subject.d_head)
+    return x

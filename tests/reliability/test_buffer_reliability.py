@@ -57,7 +57,7 @@ ERRORS = [
     ("ints as texts", lambda lm: buf(lm, [1, 2]), r"texts\[0\] is a int, not a string"),
     ("unknown site", lambda lm: ActivationBuffer(lm, "zz.0", TEXTS), r"unknown site kind 'zz'; valid: embed"),
     ("a site of no vectors", lambda lm: ActivationBuffer(lm, "pattern.0", TEXTS),
-     r"site 'pattern.0' does not hold one vector per token, so no dictionary can be trained on it; valid sites: embed, "
+     r"site 'pattern.0' does not hold one vector per token, so no SAE feature or neuron is defined on it; valid sites: embed, "
      r"resid_pre.0..1, z.0..1"),
     ("a layer out of range", lambda lm: ActivationBuffer(lm, "resid_post.5", TEXTS), r"layer 5 out of range"),
     ("batch_size 0", lambda lm: buf(lm, batch_size=0), r"batch_size must be an integer >= 1, got 0"),

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from workbench import WorkbenchError
-from workbench.circuits import storage
+from workbench import storage
 from workbench.mtl import gradients as G
 from workbench.mtl import trainer as TR
 from workbench.mtl import workloads as WL
@@ -502,32 +502,7 @@ def test_a_non_finite_gradient_never_reaches_the_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------- interrupts
 
-STEPS = ("write_tensors", "write_text", "replace", "remove")
-
-
-class DiskFull(OSError):
-    pass
-
-
-def instrument(monkeypatch, fail_at: int | None = None, exc: BaseException | None = None) -> list[str]:
-    """Wrap each I/O step of ``storage``; the ``fail_at``-th call (from 0) raises ``exc``
-    (a write first leaves half its bytes behind, as a crash mid-write would)."""
-    calls: list[str] = []
-    for name in STEPS:
-        real = getattr(storage, name)
-
-        def step(*args, _real=real, _name=name, **kw):
-            calls.append(_name)
-            if fail_at is not None and len(calls) - 1 == fail_at:
-                if _name in ("write_tensors", "write_text"):
-                    _real(*args, **kw)
-                    path = Path(args[0])
-                    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-                raise exc
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(storage, name, step)
-    return calls
+from tests.reliability.interrupts import STEPS, DiskFull, instrument  # noqa: E402,F401
 
 
 KW = dict(aggregator="gradnorm", monitor_every=3, checkpoint_every=10, affinity=True, seed=4)

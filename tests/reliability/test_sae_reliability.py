@@ -13,34 +13,10 @@ import pytest
 import torch
 
 from workbench import WorkbenchError
-from workbench.circuits import SAE, storage, train_sae
+from tests.reliability.interrupts import STEPS, DiskFull, instrument  # noqa: F401
+from workbench import storage
+from workbench.circuits import SAE, train_sae
 
-STEPS = ("write_tensors", "write_text", "replace", "remove")
-
-
-class DiskFull(OSError):
-    pass
-
-
-def instrument(monkeypatch, fail_at: int | None = None, exc: BaseException | None = None) -> list[str]:
-    """Wrap each I/O step of ``storage``; the ``fail_at``-th call (from 0) raises ``exc``
-    (a write first leaves half its bytes behind, as a crash mid-write would)."""
-    calls: list[str] = []
-    for name in STEPS:
-        real = getattr(storage, name)
-
-        def step(*args, _real=real, _name=name, **kw):
-            calls.append(_name)
-            if fail_at is not None and len(calls) - 1 == fail_at:
-                if _name in ("write_tensors", "write_text"):
-                    _real(*args, **kw)
-                    path = Path(args[0])
-                    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-                raise exc
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(storage, name, step)
-    return calls
 
 
 def same_weights(a: SAE, b: SAE) -> bool:

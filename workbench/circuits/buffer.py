@@ -22,29 +22,8 @@ from typing import Iterator, Sequence
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.layout import VECTOR_KINDS, check_vector_site, flat, site_width, unflat  # noqa: F401 (re-exported)
 from workbench.memory import DEFAULT_BUDGET_BYTES, fmt_bytes
-
-# site kinds a dictionary can be trained on: one vector per token
-VECTOR_KINDS = ("embed", "resid_pre", "z", "attn_out", "mlp_out", "resid_post")
-
-
-def site_width(subject, site: str) -> int:
-    """Width of the per-token vector at ``site`` (d_model, or heads * d_head for ``z``)."""
-    s = check_vector_site(subject, site)
-    return subject.n_heads * subject.d_head if s.kind == "z" else subject.d_model
-
-
-def check_vector_site(subject, site: str):
-    """Parse ``site`` (unknown names list the valid ones) and require one vector per token."""
-    s = subject.site(site)
-    if s.kind not in VECTOR_KINDS:
-        valid = ["embed"] + [f"{k}.0..{subject.n_layers - 1}" for k in VECTOR_KINDS[1:]]
-        raise WorkbenchError(
-            f"site {s.name!r} does not hold one vector per token, so no dictionary can be trained on it; "
-            f"valid sites: {', '.join(valid)}"
-        )
-    return s
-
 
 def check_texts(texts, empty: str = "no texts given; pass at least one text") -> list[str]:
     """``texts`` as a list of strings (one string is one text); anything else, an empty
@@ -76,22 +55,6 @@ def texts_fingerprint(texts: Sequence[str], site: str, skip_first: bool) -> torc
     for t in texts:
         h.update(b"\x00" + t.encode("utf-8", "surrogatepass"))
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
-
-
-def _kind(site) -> str:
-    return site.kind if hasattr(site, "kind") else str(site).split(".")[0]
-
-
-def flat(x: torch.Tensor, site) -> torch.Tensor:
-    """[batch, pos, ...] -> [batch, pos, width] (``z`` heads concatenated)."""
-    return x.reshape(*x.shape[:2], -1) if _kind(site) == "z" else x
-
-
-def unflat(x: torch.Tensor, site, subject) -> torch.Tensor:
-    """Inverse of :func:`flat`."""
-    if _kind(site) == "z":
-        return x.reshape(*x.shape[:2], subject.n_heads, subject.d_head)
-    return x
 
 
 def token_mask(batch, skip_first: bool) -> torch.Tensor:

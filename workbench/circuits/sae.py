@@ -21,7 +21,7 @@ A TopK SAE decodes sparsely (only k rows of ``W_dec`` per token, through
 
 Persistence (safetensors and JSON only, no pickle): :meth:`SAE.save` writes a folder
 whose ``cfg.json`` is written last and names the weights file by its SHA-256 (see
-:mod:`workbench.circuits.storage`), so an interrupted save leaves the old SAE or the new
+:mod:`workbench.storage`), so an interrupted save leaves the old SAE or the new
 one, never a mix; ``save(path, format="saelens")`` writes SAELens's inference layout
 (``cfg.json`` + ``sae_weights.safetensors``) that ``sae_lens.SAE.load_from_disk``
 reads. :meth:`SAE.load` reads both, and every folder SAELens 6 writes: inference saves
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workbench.circuits import storage
+from workbench import storage
 from workbench.errors import WorkbenchError, one_of
 from workbench.results import Result, provenance, register
 

@@ -21,7 +21,7 @@ checkpoint stay as they were.
 
 ``checkpoint`` names a folder: every ``checkpoint_every`` steps the whole training state
 (weights, optimizer, history, aggregator state, random state) goes there as a JSON manifest
-plus one safetensors file (:func:`workbench.circuits.storage.commit`: an interruption at any
+plus one safetensors file (:func:`workbench.storage.commit`: an interruption at any
 point leaves the previous checkpoint whole; files the trainer did not write are never
 touched; no pickle). A trainer built on a folder holding a checkpoint resumes from it, and
 refuses one written with other settings (tasks, aggregator, lr, seed, ...) or damaged.
@@ -40,7 +40,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from workbench.circuits import storage
+from workbench import storage
 from workbench.errors import WorkbenchError, one_of
 from workbench.layout import Family
 from workbench.mtl.aggregators import STATEFUL, STATELESS, GradNorm, UncertaintyWeighting, aggregate
@@ -445,7 +445,7 @@ class MultiTaskTrainer:
     def save(self, path: str | Path) -> None:
         """Write the whole training state into the folder ``path``: JSON manifest
         (``mtl_state.json``, the commit point) plus one safetensors file, as
-        :func:`workbench.circuits.storage.commit` writes them: an interruption at any point
+        :func:`workbench.storage.commit` writes them: an interruption at any point
         leaves the previous checkpoint whole, and no file the trainer did not write is touched."""
         path = Path(path)
         if path.exists() and not path.is_dir():

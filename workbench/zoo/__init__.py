@@ -12,7 +12,6 @@ Any hub id or local path works wherever a zoo name does (``workbench.load``).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -56,11 +55,9 @@ class ZooEntry:
 
 @lru_cache(maxsize=8)
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from workbench.storage import sha256_file
+
+    return sha256_file(Path(path))
 
 
 ENTRIES: dict[str, ZooEntry] = {
