@@ -33,7 +33,7 @@ import numpy as np
 from datasets import Dataset
 
 from workbench.data import words as W
-from workbench.data.tasks import Split, Task, _in_test, agreement_nouns, get_task
+from workbench.data.tasks import Split, Task, in_test_split, agreement_nouns, get_task
 from workbench.errors import WorkbenchError
 
 AnswerPolicy = Literal["drop", "first_token", "error"]
@@ -336,7 +336,7 @@ def _finish(rows: dict[str, list], tokenizer, policy: AnswerPolicy) -> Dataset:
 
 
 def _agreement_split(subject: str, prep: str, distractor: str) -> bool:
-    return _in_test("agreement", f"{subject}|{prep}|{distractor}")
+    return in_test_split("agreement", f"{subject}|{prep}|{distractor}")
 
 
 def agreement_pairs(
@@ -492,7 +492,7 @@ def multidigits(split: Split = "train", *, n: int | None = None, seed: int = 0) 
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    idx = [i for i in range(len(digits.target)) if split == "all" or _in_test("digits", str(i)) == (split == "test")]
+    idx = [i for i in range(len(digits.target)) if split == "all" or in_test_split("digits", str(i)) == (split == "test")]
     rng = np.random.default_rng(_seed_for(seed, "multidigits", split) % 2**63)
     n = n if n is not None else len(idx)
     left = rng.choice(idx, size=n)

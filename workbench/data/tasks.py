@@ -48,7 +48,7 @@ class Task:
             return list(self.pairs)
         if split not in ("train", "test"):
             raise WorkbenchError(f"unknown split {split!r}; use 'train', 'test' or 'all'")
-        return [p for p in self.pairs if _in_test(self.name, p[0]) == (split == "test")]
+        return [p for p in self.pairs if in_test_split(self.name, p[0]) == (split == "test")]
 
     @property
     def inputs(self) -> list[str]:
@@ -59,7 +59,7 @@ class Task:
         return [y for _, y in self.pairs]
 
 
-def _in_test(task: str, x: str) -> bool:
+def in_test_split(task: str, x: str) -> bool:
     digest = hashlib.sha256(f"{task}\x00{x}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < TEST_FRACTION
 
@@ -136,7 +136,7 @@ def agreement_nouns(split: Split = "all") -> list[tuple[str, str]]:
     pairs = list(W.SINGULAR_PLURAL)
     if split == "all":
         return pairs
-    return [p for p in pairs if _in_test("agreement", p[0]) == (split == "test")]
+    return [p for p in pairs if in_test_split("agreement", p[0]) == (split == "test")]
 
 
 def vocabulary() -> list[str]:
