@@ -46,7 +46,7 @@ atlas
 
 # %%
 pairs = atlas.pairs_frame()
-pairs[["task", "task_b", *atlas.truths]].sort_values("cotrain").round(2).head(10)
+pairs[["task", "task_b", *atlas.truths]].sort_values("cotrain").head(10).style.format(precision=2).hide(axis="index")
 
 # %%
 cost = {t: float(np.nanmean(atlas.matrix("cotrain")[i])) for i, t in enumerate(atlas.tasks)}
@@ -63,7 +63,7 @@ table = agreement.table()
 table.pivot(index="measure", columns="truth", values="spearman").round(2)
 
 # %%
-table[table.truth == "cotrain"].sort_values("spearman", ascending=False).round(2)
+table[table.truth == "cotrain"].sort_values("spearman", ascending=False).style.format(precision=2).hide(axis="index")
 
 # %% [markdown]
 # ## Grouping tasks by a lens
@@ -81,7 +81,7 @@ for measure in atlas.lens_measures:
                      "random_mean": g.attrs["random_mean"], "best": g.attrs["best_value"],
                      "percentile": g.attrs["percentile"]})
 groupings = pd.DataFrame(rows)
-groupings.round(3)
+groupings.style.format(precision=3).hide(axis="index")
 
 # %%
 best_pairs = recommend_groups(atlas, "grad_cosine", truth="cotrain", group_size=2)

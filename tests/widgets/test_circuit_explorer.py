@@ -154,7 +154,7 @@ def test_ablate_and_steer_match_the_library(explorer, tasklm, setup):
     explorer.select(top)
     site, f = top.split("/")
     r = explorer.ablate()
-    ref = ablate_features(tasklm, saes, {site: [int(f)]}, clean, metric, value="mean", means=means)
+    ref = ablate_features(tasklm, saes, {site: [int(f)]}, clean, metric, replacement="mean", means=means)
     assert np.allclose(explorer.bars.data[0].y, [ref["before"].mean(), ref["after"].mean()])
     assert r.change == pytest.approx(ref.change) and abs(ref.change) > 1e-3
     explorer.strength.value = 6.0

@@ -132,7 +132,7 @@ def test_built_from_saved_results_draws_the_same(lab, tasklm, tmp_path):
     # with a subject (no evaluator) new head sets are swept live, as the core computes them
     half = TaskVectorLab(offline.merge, fvs=fvs, subject=tasklm, n_sweep=32)
     half.heads = [(0, 2)]
-    ref = layer_sweep(tasklm, fvs["capitalize"], [(0, 2)], n=32)
+    ref = layer_sweep(tasklm, fvs["capitalize"], [(0, 2)], n_prompts=32)
     assert list(half.sweep.data[0].y) == list(ref["accuracy"]) and half.sliders["antonym"].disabled
 
 

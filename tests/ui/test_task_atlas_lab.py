@@ -1,0 +1,55 @@
+"""The task-atlas notebook in a real JupyterLab, in headless Chromium, at 1440 and 1024 px:
+the TaskAtlas renders with no widget error, traceback or serialization warning, nothing
+overflows its output area at either width, the lens-measure selector redraws the scatter
+and the pair selector the per-block view, and the notebook's own checks pass. Saves a
+screenshot per width."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.ui.lab import (
+    ARTIFACTS, ROOT, WIDTHS, browser_page, build_ipynb, open_and_run, overflow_problems, page_problems,
+    require_chromium, running_lab, serialization_warnings,
+)
+
+pytestmark = [pytest.mark.ui]
+NB = "05_task_atlas"
+TITLES = "() => [...document.querySelectorAll('.js-plotly-plot .gtitle')].map(t => t.textContent)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_chromium():
+    require_chromium()
+    build_ipynb(NB)
+
+
+def test_task_atlas_renders_fits_and_reacts_in_jupyterlab():
+    assert sorted(WIDTHS) == [1024, 1440]
+    with running_lab(ROOT / "notebooks") as (base, token), browser_page(1440) as page:
+        open_and_run(page, base, token, f"{NB}.ipynb")
+        page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+        assert page_problems(page) == []
+        assert "all atlas checks passed" in page.inner_text(".jp-NotebookPanel")
+        for width in (1440, 1024):
+            page.set_viewport_size({"width": width, "height": 1000})
+            page.wait_for_timeout(1500)  # the lab relayouts; FitWidth refits the figures
+            assert overflow_problems(page) == [], width
+            page.screenshot(path=str(ARTIFACTS / f"task_atlas-{width}.png"), full_page=True)
+        # the atlas widget: the box holding the "lens measure" dropdown
+        measure = page.locator(".widget-dropdown", has_text="lens measure").locator("select").last
+        options = measure.locator("option").all_inner_texts()
+        assert len(options) >= 5, options
+        before = page.evaluate(TITLES)
+        measure.select_option(index=len(options) - 1)
+        page.wait_for_function(f"(before) => {{ const now = ({TITLES})(); return now.some(t => !before.includes(t)); }}",
+                               arg=before, timeout=30_000)
+        pair = page.locator(".widget-dropdown", has_text="pair").locator("select").last
+        before = page.evaluate(TITLES)
+        pair.select_option(index=1)
+        page.wait_for_function(f"(before) => {{ const now = ({TITLES})(); return now.some(t => !before.includes(t)); }}",
+                               arg=before, timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "task_atlas-after-select.png"), full_page=True)
+        assert page_problems(page) == []
+        assert serialization_warnings(page) == []
+        assert overflow_problems(page) == []
