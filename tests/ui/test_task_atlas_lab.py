@@ -36,6 +36,8 @@ def test_task_atlas_renders_fits_and_reacts_in_jupyterlab():
             page.wait_for_timeout(1500)  # the lab relayouts; FitWidth refits the figures
             assert overflow_problems(page) == [], width
             page.screenshot(path=str(ARTIFACTS / f"task_atlas-{width}.png"), full_page=True)
+        # the agreement intervals are computed in a background thread: wait for them to be drawn
+        page.wait_for_function(f"() => ({TITLES})().some(t => t.includes('bootstrap draws over pairs'))", timeout=60_000)
         # the atlas widget: the box holding the "lens measure" dropdown
         measure = page.locator(".widget-dropdown", has_text="lens measure").locator("select").last
         options = measure.locator("option").all_inner_texts()
@@ -43,12 +45,15 @@ def test_task_atlas_renders_fits_and_reacts_in_jupyterlab():
         before = page.evaluate(TITLES)
         measure.select_option(index=len(options) - 1)
         page.wait_for_function(f"(before) => {{ const now = ({TITLES})(); return now.some(t => !before.includes(t)); }}",
-                               arg=before, timeout=30_000)
+                               arg=before, timeout=60_000)
+        assert any(t.startswith("tag_affinity vs") for t in page.evaluate(TITLES))
         pair = page.locator(".widget-dropdown", has_text="pair").locator("select").last
         before = page.evaluate(TITLES)
-        pair.select_option(index=1)
+        current = pair.evaluate("s => s.selectedIndex")
+        pair.select_option(index=0 if current else 1)
         page.wait_for_function(f"(before) => {{ const now = ({TITLES})(); return now.some(t => !before.includes(t)); }}",
-                               arg=before, timeout=30_000)
+                               arg=before, timeout=60_000)
+        assert any("through the depth" in t and t not in before for t in page.evaluate(TITLES))
         page.screenshot(path=str(ARTIFACTS / "task_atlas-after-select.png"), full_page=True)
         assert page_problems(page) == []
         assert serialization_warnings(page) == []
