@@ -62,7 +62,7 @@ PARAMS = {"pcgrad": ("seed",), "cagrad": ("c",), "nash_mtl": ("iters",)}
 MGDA_TOL = 1e-10  # min-norm KKT, on the normalised Gramian
 CAGRAD_TOL = 1e-9  # Frank-Wolfe gap of the CAGrad dual, on the normalised Gramian
 NASH_TOL = 1e-9  # max |alpha_i (G alpha)_i - 1|
-CAGRAD_ZERO = 1e-7  # |g_w| / sqrt(mean |g_i|^2) below which CAGrad's optimum counts as g_w = 0
+CAGRAD_ZERO = 1e-6  # |g_w| / sqrt(mean |g_i|^2) below which CAGrad's optimum counts as g_w = 0
 PARETO_TOL = 1e-12  # |min-norm point|^2 / mean |g_i|^2 below which 0 is in the hull
 RANK_RTOL = 1e-10  # eigenvalues below this times the largest count as zero (IMTL-G, Aligned-MTL)
 
@@ -298,21 +298,20 @@ def cagrad_weights(gramian, c: float = 0.5) -> np.ndarray:
         r2 = max(float(w @ gn @ w), 0.0)
         return 1.0 - r2 / math.exp(2 * log_l), w
 
+    # the bracket: |min-norm point| <= |g_w| <= max_i |g_i|; below CAGRAD_ZERO the sign of
+    # l - |g_w(l)| is not resolved in float64 (|g_w|^2 comes from the Gramian)
     lo = math.sqrt(max(float((w0 := min_norm_weights(gn)) @ gn @ w0), 0.0))
+    lo = max(lo * (1 - 1e-12), CAGRAD_ZERO)
     hi = math.sqrt(float(np.diag(gn).max())) * (1 + 1e-12)
-    lo = max(lo * (1 - 1e-12), 1e-12)
-    f_lo, w_lo = inner(math.log(lo))
-    if f_lo >= 0:  # |g_w| <= 1e-12 at the optimum: g_w = 0
-        if lo <= 1e-12 * (1 + 1e-9):
-            return np.zeros(T)
-        w = w_lo
-    else:
-        f_hi, w_hi = inner(math.log(hi))
-        if f_hi <= 0:
-            w = w_hi
-        else:
-            root = brentq(lambda u: inner(u)[0], math.log(lo), math.log(hi), xtol=1e-13, rtol=1e-15, maxiter=200)
-            w = inner(root)[1]
+    f_lo, w = inner(math.log(lo))
+    if f_lo >= 0:  # |g_w| <= CAGRAD_ZERO at the optimum: g_w = 0
+        return np.zeros(T)
+    f_hi, w = inner(math.log(hi))
+    if f_hi < 0:
+        raise WorkbenchError(f"cagrad: the bracket of the dual's multiplier failed (|g_w| > max_i |g_i|), T = {T}, c = {c}")
+    if f_hi > 0:
+        root = brentq(lambda u: inner(u)[0], math.log(lo), math.log(hi), xtol=1e-13, rtol=1e-15, maxiter=200)
+        w = inner(root)[1]
     nrm = math.sqrt(max(float(w @ gn @ w), 0.0))
     if nrm <= CAGRAD_ZERO:  # the optimum is g_w = 0 to working precision
         return np.zeros(T)
@@ -329,9 +328,9 @@ def nash_weights(gramian, iters: int = 500) -> np.ndarray:
     alpha > 0 with alpha_i (G alpha)_i = 1 for every task.
 
     On the normalised Gramian it is the minimiser of the self-concordant
-    f(a) = a.G.a / 2 - sum log a_i, found by damped Newton (step 1 / (1 + decrement) while the
-    Newton decrement exceeds 1/4, full steps after: convergence is guaranteed), in the
-    well-conditioned variables a_i z_i; alpha = a / sqrt(mean diag G). Certificate:
+    f(a) = a.G.a / 2 - sum log a_i, found by Newton's method with a backtracking line search (convergence is guaranteed
+    for a self-concordant function), the steps taken in the well-conditioned relative
+    variables (a_i -> a_i (1 + z_i)); alpha = a / sqrt(mean diag G). Certificate:
     max_i |alpha_i (G alpha)_i - 1| <= 1e-9, else a WorkbenchError. The solution exists iff
     0 is not in the convex hull of the task gradients (duplicates are fine); a zero task
     gradient or Pareto-stationary gradients (e.g. two opposite ones) are a WorkbenchError:
@@ -352,17 +351,30 @@ def nash_weights(gramian, iters: int = 500) -> np.ndarray:
                              "gradients), where Nash-MTL has no solution (its weights diverge); use 'mgda' or 'cagrad'")
     s = float(np.ones(T) @ gn @ np.ones(T))
     a = np.full(T, math.sqrt(T / s))  # the best multiple of the ones vector
+
+    def f(x: np.ndarray) -> float:
+        return 0.5 * float(x @ gn @ x) - float(np.log(x).sum()) if (x > 0).all() else math.inf
+
     res = a * (gn @ a) - 1
     for _ in range(int(iters)):
-        res = a * (gn @ a) - 1  # the gradient in the variables z = log-free scaling a_i z_i
+        res = a * (gn @ a) - 1  # the gradient in the relative variables z
         if np.abs(res).max() <= NASH_TOL / 10:
             break
         h = a[:, None] * gn * a[None, :] + np.eye(T)
         z = -np.linalg.solve(h, res)
-        dec = math.sqrt(max(float(-res @ z), 0.0))
-        step = 1.0 if dec <= 0.25 else 1.0 / (1.0 + dec)
-        a = a * (1 + step * z)
-        if (a <= 0).any():
+        dec2 = max(float(-res @ z), 0.0)  # the Newton decrement, squared
+        # backtracking (Armijo) from the largest step that stays in a > 0 while the decrement
+        # exceeds 1/4 (the damped step 1 / (1 + decrement) passes it: damped Newton's
+        # guarantee holds), full steps inside the quadratic region (|z_i| <= decrement < 1)
+        if dec2 <= 1e-28:
+            break  # nothing left to gain in float64
+        t = 1.0 if z.min() > -0.99 else 0.99 / -z.min()
+        if dec2 > 0.0625:  # outside the quadratic region (decrement 1/4): line search
+            fa = f(a)
+            while t > 1e-12 and not f(a * (1 + t * z)) <= fa - 0.25 * t * dec2:
+                t *= 0.5
+        a = a * (1 + t * z)
+        if (a <= 0).any() or not np.isfinite(a).all():
             raise WorkbenchError("nash_mtl: a Newton step left the positive orthant (the Gramian may not be "
                                  "positive semi-definite)")
     res = a * (gn @ a) - 1
