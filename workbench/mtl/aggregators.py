@@ -390,8 +390,10 @@ def imtl_g_weights(gramian) -> np.ndarray:
     a = G^+ d / sum(G^+ d) with d_i = |g_i| (the pseudo-inverse generalisation TorchJD uses,
     which handles linearly dependent rows; eigenvalues below 1e-10 x the largest count as
     zero). A task with a zero gradient gets weight 0 (the others are IMTL-G among
-    themselves); when sum(G^+ d) vanishes (e.g. two opposite gradients: no direction has
-    equal projections except 0) the weights are all 0 and the update is 0, as in TorchJD."""
+    themselves); when sum(G^+ d) vanishes (e.g. two opposite gradients of equal norm: no
+    direction but 0 has equal projections) the weights are all 0 and the update is 0, as in
+    TorchJD. Where no exact answer exists (opposite gradients of unequal norms, linearly
+    dependent rows), G^+ d is the least-squares one, as in TorchJD."""
     gn, sigma = normalise_gramian(np.asarray(gramian, dtype=np.float64))
     T = len(gn)
     if sigma == 0.0:
