@@ -281,8 +281,8 @@ def test_precomputed_gramian_gives_the_same_answer():
 
 
 def test_float32_large_jacobian_matches_float64():
-    """The float32 path: the Gramian by float64-accumulated chunks, the update accumulated in
-    float64 column by column (no float64 copy of J)."""
+    """The float32 path: the Gramian by float64-accumulated chunks (no float64 copy of J),
+    the update one float32 matrix-vector product."""
     g = torch.Generator().manual_seed(0)
     J = torch.randn(3, (1 << 20) + 7, generator=g)
     J[1] -= 0.9 * J[0]

@@ -5,11 +5,11 @@ one update direction out, with the task weights it amounts to.
     update, weights = aggregate(jacobian, "mgda", gramian=tg["gramian"])  # reuse a float64 Gramian
 
 Every stateless method is a function of the Gramian G = J J^T alone (the weights), then one
-weighted sum of the rows (the update, accumulated in float64 and cast to the Jacobian's
-dtype). The weights are computed on the *normalised* Gramian G / s, s = mean(diag G) (the
+weighted sum of the rows (the update). The weights are computed on the *normalised* Gramian G / s, s = mean(diag G) (the
 mean squared gradient norm), so the overall scale of the gradients (1e-30 or 1e30) cannot
 break a solver; every method's weights are invariant to that scale except Nash-MTL's, which
-are rescaled back exactly (alpha = alpha_n / sqrt(s)). ``gramian_weights`` gives the weights
+are rescaled back exactly (alpha = alpha_n / sqrt(s)). The weighted sum is one matrix-vector
+product in the Jacobian's dtype. ``gramian_weights`` gives the weights
 from a Gramian without a Jacobian.
 
 The optimisation-based methods solve their problem to a stated tolerance and check the
@@ -70,8 +70,11 @@ RANK_RTOL = 1e-10  # eigenvalues below this times the largest count as zero (IMT
 # --------------------------------------------------------------------------- Gramians
 
 
-def check_jacobian(jacobian) -> torch.Tensor:
-    """``jacobian`` as a finite floating [T, P] tensor with T >= 2, else a WorkbenchError."""
+def check_jacobian(jacobian, *, finite: bool = False) -> torch.Tensor:
+    """``jacobian`` as a floating [T, P] tensor with T >= 2, else a WorkbenchError. With
+    ``finite``, NaN / inf entries are refused now; without, they are caught where they show
+    (a non-finite Gramian or update, then named by ``raise_non_finite``), which spares a
+    pass over a large Jacobian."""
     if isinstance(jacobian, np.ndarray):
         jacobian = torch.from_numpy(jacobian)
     if not isinstance(jacobian, torch.Tensor):
@@ -82,26 +85,38 @@ def check_jacobian(jacobian) -> torch.Tensor:
                              f"{tuple(j.shape)}{' (one task: nothing to aggregate, use its gradient)' if j.ndim == 2 and j.shape[0] == 1 else ''}")
     if not j.is_floating_point():
         raise WorkbenchError(f"the Jacobian must be a floating-point tensor, got dtype {j.dtype}")
-    if not torch.isfinite(j).all():
-        bad = [i for i, row in enumerate(j) if not torch.isfinite(row).all()]
-        raise WorkbenchError(f"the Jacobian has NaN or infinite entries in the rows of task(s) {bad}")
+    if finite:
+        raise_non_finite(j)
     return j
 
 
+def raise_non_finite(j: torch.Tensor) -> None:
+    """A WorkbenchError naming the tasks whose rows hold NaN or inf, if any."""
+    bad = [i for i, row in enumerate(j) if not torch.isfinite(row).all()]
+    if bad:
+        raise WorkbenchError(f"the Jacobian has NaN or infinite entries in the rows of task(s) {bad}")
+
+
+def _products(j: torch.Tensor) -> np.ndarray:
+    if j.dtype == torch.float64 or j.numel() <= (1 << 20):
+        return (j.double() @ j.double().T).cpu().numpy()
+    return gram64(j.float())
+
+
 def jacobian_gramian(j: torch.Tensor) -> tuple[np.ndarray, float]:
-    """(G / s, sqrt(s)) for the Gramian G = J J^T of a finite Jacobian, s = mean(diag G)
-    (0 for all-zero gradients), in float64 at any magnitude: the Jacobian is scaled by a power
-    of two first when its entries are too large or too small for the products."""
+    """(G / s, sqrt(s)) for the Gramian G = J J^T, s = mean(diag G) (0 for all-zero
+    gradients), in float64 at any magnitude: one pass over J when its products neither
+    overflow nor underflow, else J is scaled by a power of two (exact) and multiplied again.
+    NaN / inf in J is a WorkbenchError naming the tasks."""
+    g = _products(j)
+    if np.isfinite(g).all() and float(np.diag(g).max()) >= 2.0**-60:
+        return normalise_gramian(g)
+    raise_non_finite(j)
     m = float(j.abs().max())
     if m == 0.0:
         return np.zeros((j.shape[0],) * 2), 0.0
-    e = 0 if 2.0**-40 <= m <= 2.0**40 else -math.frexp(m)[1]  # exact power-of-two rescaling
-    js = j * 2.0**e if e else j
-    if js.dtype == torch.float64 or js.numel() <= (1 << 20):
-        g = (js.double() @ js.double().T).cpu().numpy()
-    else:
-        g = gram64(js.float())
-    gn, sigma = normalise_gramian(g)
+    e = -math.frexp(m)[1]  # J * 2^e has entries below 1: no overflow, the least underflow
+    gn, sigma = normalise_gramian(_products(j * 2.0**e))
     return gn, sigma * 2.0**-e
 
 
@@ -134,20 +149,19 @@ def normalise_gramian(g: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def combine(j: torch.Tensor, w: np.ndarray, method: str = "the aggregator") -> torch.Tensor:
-    """w @ J accumulated in float64 (in column chunks, no float64 copy of a large J), cast to
-    J's dtype; a WorkbenchError if it is not finite (an overflow of that dtype)."""
+    """w @ J in J's dtype (float16 / bfloat16 accumulated in float32): one matrix-vector
+    product, memory-bound like the backward passes that wrote J (a float64 accumulation of a
+    [8, 22M] float32 Jacobian costs twice the time for an error below one float32 ulp of the
+    larger terms); a WorkbenchError if the result is not finite (an overflow of that dtype)."""
     w = np.asarray(w, dtype=np.float64)
     if not np.isfinite(w).all():
         raise WorkbenchError(f"{method} produced non-finite task weights {w.tolist()}")
-    w64 = torch.as_tensor(w, dtype=torch.float64, device=j.device)
-    if j.dtype == torch.float64:
-        out = w64 @ j
+    if j.dtype in (torch.float16, torch.bfloat16):
+        out = (torch.as_tensor(w, dtype=torch.float32, device=j.device) @ j.float()).to(j.dtype)
     else:
-        out = torch.empty(j.shape[1], dtype=j.dtype, device=j.device)
-        step = 1 << 20
-        for c in range(0, j.shape[1], step):
-            out[c : c + step] = (w64 @ j[:, c : c + step].double()).to(j.dtype)
+        out = torch.as_tensor(w, dtype=j.dtype, device=j.device) @ j
     if not torch.isfinite(out).all():
+        raise_non_finite(j)  # NaN / inf in J shows here when the Gramian was given
         raise WorkbenchError(f"{method} produced a non-finite update: the weighted sum of the task gradients (weights "
                              f"{np.round(w, 6).tolist()}) overflows {j.dtype}; rescale the losses")
     return out
@@ -510,7 +524,7 @@ def gramian_weights(gramian, method: str = "equal", **params) -> np.ndarray:
 def aggregate(jacobian: torch.Tensor, method: str = "equal", *, gramian=None,
               **params) -> tuple[torch.Tensor, np.ndarray]:
     """One update direction [P] from the Jacobian [T, P], and the task weights it equals
-    (update = weights @ jacobian, accumulated in float64, in the Jacobian's dtype).
+    (update = weights @ jacobian in the Jacobian's dtype; the weights are float64).
 
     ``gramian``: J @ J.T as a float64 [T, T] array when the caller has it already (a
     ``TaskGradients`` result's ``gramian``; the trainer's monitored steps), so that it is not
