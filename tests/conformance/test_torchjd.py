@@ -155,6 +155,7 @@ def test_mean_and_sum_are_torchjds():
         wm.add(c, aggregate(c.J, "mean")[0], A.Mean()(c.J))
         ws.add(c, aggregate(c.J, "equal")[0], A.Sum()(c.J))
     assert wm.err <= 1e-15 and ws.err <= 1e-15, f"mean: {wm}; equal (Sum): {ws}"
+    print(f"mean: {wm}; equal (Sum): {ws}")
 
 
 def test_pcgrad_is_torchjds_given_its_projection_orders():
@@ -167,6 +168,7 @@ def test_pcgrad_is_torchjds_given_its_projection_orders():
         ours = torch.as_tensor(pcgrad_weights(c.G, orders=orders)) @ c.J
         w.add(c, ours, ref)
     assert w.err <= 1e-12, f"pcgrad: {w}"
+    print(f"pcgrad: {w}")
 
 
 def test_imtl_g_is_torchjds():
@@ -174,6 +176,7 @@ def test_imtl_g_is_torchjds():
     for c in cases():
         w.add(c, aggregate(c.J, "imtl_g")[0], A.IMTLG()(c.J))
     assert w.err <= 1e-10 and w.cos >= 1 - 1e-12, f"imtl_g: {w}"
+    print(f"imtl_g: {w}")
 
 
 def test_aligned_mtl_is_T_times_torchjds():
@@ -181,6 +184,7 @@ def test_aligned_mtl_is_T_times_torchjds():
     for c in cases():
         w.add(c, aggregate(c.J, "aligned_mtl")[0] / c.T, A.AlignedMTL()(c.J))
     assert w.err <= 1e-8 and w.cos >= 1 - 1e-12, f"aligned_mtl / T vs TorchJD's AlignedMTL: {w}"
+    print(f"aligned_mtl / T: {w}")
 
 
 def test_mgda_is_the_exact_point_torchjds_frank_wolfe_approaches():
