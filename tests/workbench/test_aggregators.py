@@ -356,3 +356,44 @@ def test_every_aggregator_is_finite_certified_and_scales(case):
             assert np.allclose(nash_weights(G), a, rtol=1e-6)
         else:  # weights do not depend on the scale
             assert np.allclose(gramian_weights(G, m), w, rtol=1e-6, atol=1e-9), m
+
+
+def test_trainer_hands_its_monitored_gramian_to_the_aggregator(monkeypatch):
+    """On monitored steps the trainer has the float64 Gramian already: the aggregator gets it
+    (and its answer equals computing it afresh); other steps compute their own."""
+    from torch import nn
+
+    from workbench.mtl import MultiTaskTrainer
+    from workbench.mtl import trainer as TR
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6))
+            self.heads = nn.ModuleDict({"a": nn.Linear(6, 1), "b": nn.Linear(6, 1)})
+
+        def forward(self, batch):
+            h = self.trunk(batch["x"])
+            return {k: m(h).squeeze(-1) for k, m in self.heads.items()}
+
+    def data(step):
+        g = torch.Generator().manual_seed(step)
+        return {"x": torch.randn(8, 4, generator=g), "y": torch.randn(8, generator=g)}
+
+    losses = {"a": lambda o, b: ((o - b["y"]) ** 2).mean(), "b": lambda o, b: ((o + b["y"]) ** 2).mean()}
+    seen = []
+
+    def spy(j, method, *, gramian=None, **params):
+        out = aggregate(j, method, gramian=gramian, **params)
+        if gramian is not None:
+            fresh = aggregate(j, method, **params)
+            assert np.allclose(out[1], fresh[1], rtol=1e-9) and np.allclose(gramian, (j.double() @ j.double().T).numpy())
+        seen.append(gramian is not None)
+        return out
+
+    monkeypatch.setattr(TR, "aggregate", spy)
+    tr = MultiTaskTrainer(Net(), losses, data, aggregator="mgda", monitor_every=2)
+    seen.clear()  # the constructor's trial call on a tiny Jacobian
+    tr.fit(4, progress=False)
+    assert seen == [True, False, True, False]
