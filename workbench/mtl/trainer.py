@@ -329,26 +329,29 @@ class MultiTaskTrainer:
             params = [p for _, p in self.shared]
             # task heads get the gradient of the summed loss, from the same T backward passes
             j, extra = jacobian(check_losses(losses), params, extra=self.own)
-            if not torch.isfinite(j).all():
+            lo, hi = torch.aminmax(j)  # NaN propagates; one fast pass, unlike isfinite(j).all()
+            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
                 bad = [n for n, row in zip(self.names, j) if not torch.isfinite(row).all()]
                 raise TrainingStopped(f"task(s) {bad} have non-finite gradients at step {step}; training stopped "
                                       "before the update, the weights and the last checkpoint are unchanged")
             for p, g in zip(self.own, extra or ()):
                 p.grad = g
             loss_values = np.asarray([float(l.detach()) for l in losses])
+            # monitored steps take the Gramians anyway: the aggregator reuses the overall one
+            bg = block_gramians(j, self._block_index, self._sizes, len(self.blocks)) if monitored else None
             if self.state_agg is not None:
                 update, weights = self.state_agg(j, loss_values)
             elif self.aggregator == "equal":  # the plain summed gradient, as an unmonitored step takes it
                 update, weights = j.sum(0), np.ones(len(losses))
             else:
-                update, weights = aggregate(j, self.aggregator, **self.agg_params)
+                update, weights = aggregate(j, self.aggregator, gramian=None if bg is None else bg.sum(0),
+                                            **self.agg_params)
             off = 0
             for p in params:
                 n = p.numel()
                 p.grad = update[off : off + n].view_as(p).to(p.dtype, copy=True)
                 off += n
             if monitored:
-                bg = block_gramians(j, self._block_index, self._sizes, len(self.blocks))
                 g = np.concatenate([bg.sum(0)[None], bg])
                 cos, frac = cosines_and_conflicts(g)
                 norms = np.sqrt(np.clip(np.diagonal(g, axis1=1, axis2=2), 0, None))
