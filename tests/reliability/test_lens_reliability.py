@@ -279,3 +279,41 @@ def test_any_non_finite_merge_parameter_is_refused_before_work(bad, where):
     with pytest.raises(WorkbenchError) as info:
         T.merge(base, vs, method, **kw)
     assert ("weight" if where == "weight" else where) in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------------- widgets
+
+@pytest.fixture(scope="module")
+def atlas_view():
+    from widgets import TaskAtlas
+    from workbench.atlas import shipped_atlas
+
+    return TaskAtlas(shipped_atlas(), background=False, n_boot=50)
+
+
+WIDGET_ERRORS = [
+    ("atlas of a non-atlas result", lambda v: __import__("widgets").TaskAtlas(small_result()), WorkbenchError,
+     r"TaskAtlas shows a workbench.atlas.TaskAtlas result .*got Result"),
+    ("atlas unknown lens measure", lambda v: setattr(v, "measure", "vibes"), Exception,
+     r"lens measure 'vibes' is not shown here; choose one of \['heads_ie'"),
+    ("atlas unknown ground truth", lambda v: setattr(v, "truth", "heads_ie"), Exception,
+     r"ground truth 'heads_ie' is not shown here"),
+    ("atlas pair of one task", lambda v: setattr(v, "pair", ("antonym", "antonym")), Exception,
+     r"is not two different tasks of the atlas"),
+    ("atlas pair with an unknown task", lambda v: setattr(v, "pair", ("antonym", "<b>x</b>")), Exception,
+     r"is not two different tasks"),
+    ("atlas group size that does not divide", lambda v: setattr(v, "group_size", 3), Exception,
+     r"8 tasks split into groups of \[2, 4\], not 3"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,match", WIDGET_ERRORS, ids=[c[0] for c in WIDGET_ERRORS])
+def test_bad_widget_input_gets_a_clear_error_and_keeps_the_view(atlas_view, name, call, exc, match):
+    import traitlets
+
+    state = (atlas_view.measure, atlas_view.truth, atlas_view.pair, atlas_view.group_size)
+    with pytest.raises(exc) as info:
+        call(atlas_view)
+    assert isinstance(info.value, (WorkbenchError, traitlets.TraitError)), type(info.value)
+    assert re.search(match, str(info.value)), f"{name}: message {str(info.value)!r} does not match {match!r}"
+    assert (atlas_view.measure, atlas_view.truth, atlas_view.pair, atlas_view.group_size) == state
