@@ -138,6 +138,11 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entry(key)[1]
 
+    def nbytes(self, key: str) -> int:
+        """Bytes of tensor ``key`` in the file."""
+        _, _, begin, end = self._entry(key)
+        return end - begin
+
     def _entry(self, key: str):
         try:
             return self.info[key]

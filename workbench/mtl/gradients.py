@@ -30,6 +30,7 @@ import torch
 from workbench.blocks import block_of, block_order
 from workbench.errors import WorkbenchError
 from workbench.layout import FAMILIES, Family
+from workbench.memory import check_budget
 from workbench.results import Result, provenance, register
 from workbench.stats import cosine_from_gramian
 
@@ -366,6 +367,12 @@ def _gradients_result(jac: torch.Tensor | None, bg: np.ndarray, losses: Sequence
     return res
 
 
+def jacobian_bytes(n_tasks: int, tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes ``task_gradients`` adds on top of the forward graph: the [T, P] float32
+    Jacobian and one task's gradient in the parameters' dtype."""
+    return 4 * n_tasks * sum(p.numel() for p in tensors) + sum(p.numel() * p.element_size() for p in tensors)
+
+
 def task_gradients(
     losses: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     params: Iterable[tuple[str, torch.nn.Parameter]] | Iterable[torch.nn.Parameter],
@@ -376,6 +383,7 @@ def task_gradients(
     block_depth: int = 2,
     retain_graph: bool = False,
     extra: Sequence[torch.nn.Parameter] = (),
+    max_bytes: int | None = None,
 ) -> TaskGradients:
     """Per-task gradients of ``losses`` on ``params`` (one backward per task over the
     shared forward graph) as a :class:`TaskGradients` result: float64 Gramians overall and
@@ -390,6 +398,9 @@ def task_gradients(
     field, for an aggregator; ``mode="gramian"`` drops it once the products are taken.
     ``extra``: parameters outside the Jacobian (e.g. task heads) whose gradient of the
     *summed* loss is wanted too, from the same T backward passes (``extra_grads``).
+    ``max_bytes``: the memory budget for what this call adds to the forward graph (the
+    T x P float32 Jacobian plus one task's gradient, :func:`jacobian_bytes`); a request
+    over it is refused before any backward pass, with the estimate. None: no limit.
     """
     if mode not in ("jacobian", "gramian"):
         raise WorkbenchError(f"mode must be 'jacobian' or 'gramian', got {mode!r}")
@@ -401,6 +412,11 @@ def task_gradients(
     extra = check_tensors(extra, "extra")
     blocks, block_index = parameter_blocks([n for n, _ in named], family, depth=block_depth)
     sizes = [p.numel() for p in tensors]
+    check_budget(jacobian_bytes(len(losses), tensors), max_bytes,
+                 f"per-task gradients of {len(losses)} tasks on {sum(sizes):,} parameters (the [T, P] float32 "
+                 "Jacobian and one task's gradient)",
+                 "pass fewer shared parameters (e.g. shared_parameters(model, prefix) for one block), fewer tasks, "
+                 "or raise max_bytes")
     jac, extra_grads = jacobian(losses, tensors, retain_graph=retain_graph, extra=extra)
     bg = block_gramians(jac, block_index, sizes, len(blocks))
     block_size = np.bincount(block_index, weights=sizes, minlength=len(blocks)).astype(np.int64)
@@ -493,6 +509,6 @@ def conflict_summary(tg: TaskGradients) -> ConflictSummary:
 __all__ = [
     "ConflictSummary", "TaskGradients", "block_gramians", "check_depth", "check_losses", "check_stacked",
     "check_tensors", "conflict_fractions", "conflict_summary", "cosines_and_conflicts", "family_of_model", "gram64",
-    "jacobian", "magnitude_similarity", "mean_pair_cosine", "named_parameters", "parameter_blocks",
+    "jacobian", "jacobian_bytes", "magnitude_similarity", "mean_pair_cosine", "named_parameters", "parameter_blocks",
     "representation_gradients", "shared_parameters", "task_gradients",
 ]

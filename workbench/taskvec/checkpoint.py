@@ -112,6 +112,13 @@ class Checkpoint:
             return tuple(self._tensors[key].shape)
         return self._files[self._where[key]].shape(key)
 
+    def nbytes(self, key: str) -> int:
+        """Bytes of tensor ``key`` (without reading it)."""
+        if self._tensors is not None:
+            t = self._tensors[key]
+            return t.numel() * t.element_size()
+        return self._files[self._where[key]].nbytes(key)
+
     def get(self, key: str) -> torch.Tensor:
         if self._tensors is not None:
             return self._tensors[key]

@@ -87,6 +87,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.memory import check_budget
 from workbench.safetensors_io import check_writable
 from workbench.taskvec.checkpoint import Checkpoint, all_finite, check_compatible, check_finite, default_name, write_state
 from workbench.taskvec.vectors import TaskVector
@@ -390,6 +391,15 @@ def _merge_key(base_t: torch.Tensor, tvs: Sequence[TaskVector], key: str, weight
     return out.view(base_t.shape)
 
 
+def merge_bytes(base: Checkpoint, n: int) -> int:
+    """Bytes ``merge`` holds: the merged state (the base's size and dtypes) plus, for the
+    largest floating tensor, one whole float32 delta and its magnitudes (TIES thresholds)
+    and a slice of ``CHUNK`` entries of each of the ``n`` deltas with their work copies."""
+    out = sum(base.nbytes(k) for k in base.all_keys())
+    big = max((math.prod(base.shape(k)) for k in base.keys()), default=0)
+    return out + 4 * (2 * big + min(big, CHUNK) * (n + 3))
+
+
 def merge(
     base: Any,
     task_vectors: Sequence[TaskVector | Any],
@@ -404,6 +414,7 @@ def merge(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    max_bytes: int | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge ``task_vectors`` into ``base`` tensor by tensor; return the merged state dict.
@@ -419,6 +430,9 @@ def merge(
     config and tokenizer files); written atomically once every tensor merged, and an
     existing non-empty ``out`` is refused unless ``overwrite=True``. Non-float tensors of
     the base are copied unchanged. NaN / inf anywhere raises before ``out`` is touched.
+    ``max_bytes``: the memory budget (the merged state, which is returned, plus the
+    float32 work of the largest tensor, :func:`merge_bytes`); a merge over it is refused
+    before any tensor is read, with the estimate. None: no limit.
     """
     if "lambda" in params:
         lam = params.pop("lambda")
@@ -435,6 +449,8 @@ def merge(
     tvs = as_task_vectors(base_ck, task_vectors)
     n = len(tvs)
     keys = base_ck.keys()
+    check_budget(merge_bytes(base_ck, n), max_bytes, f"merging {n} task vectors into {base_ck.name or 'the base'}",
+                 "merge on a machine with more memory or raise max_bytes (the merged state is held in memory)")
     weights, lam = check_merge_params(method, n=n, weights=weights, lam=lam, density=density, p=p, seed=seed, keys=keys)
     density, p = float(density), float(p)
     norm = default_normalize(method) if normalize is None else bool(normalize)
@@ -461,5 +477,5 @@ def merge(
 
 
 __all__ = ["CHUNK", "DARE_BLOCK", "METHODS", "as_task_vectors", "check_merge_params", "dare_keep", "default_normalize",
-           "drop", "elect_and_mean", "key_seed", "merge", "merge_delta", "merge_tensor", "trim", "trim_count",
+           "drop", "elect_and_mean", "key_seed", "merge", "merge_bytes", "merge_delta", "merge_tensor", "trim", "trim_count",
            "trim_threshold", "trim_topk", "weights_for", "work_dtype"]
