@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,32 @@ def test_task_gradients_budget(tasklm):
     assert all(p.grad is None for _, p in params)
     res = task_gradients(losses, params, max_bytes=est)
     assert res.jacobian.shape == (3, P) and res.jacobian.numel() * res.jacobian.element_size() < est
+    tasklm.model.zero_grad(set_to_none=True)
+
+
+def test_gramian_mode_under_a_budget_takes_the_products_in_groups(tasklm):
+    """A budget a quarter of the Jacobian's: mode='gramian' cuts the parameters into groups
+    that fit and gives the unbounded Gramians; mode='jacobian' refuses."""
+    from workbench.mtl import shared_parameters, task_gradients
+    from workbench.mtl.gradients import jacobian_bytes, parameter_groups
+
+    params = shared_parameters(tasklm.model)
+    tensors = [p for _, p in params]
+    budget = jacobian_bytes(3, tensors) // 4
+    groups = parameter_groups(3, tensors, budget)
+    assert len(groups) >= 4 and sorted(i for g in groups for i in g) == list(range(len(tensors)))
+    assert all(jacobian_bytes(3, [tensors[i] for i in g]) <= budget for g in groups)
+    full = task_gradients(_losses(tasklm), params, family=tasklm.family, mode="gramian")
+    parts = task_gradients(_losses(tasklm), params, family=tasklm.family, mode="gramian", max_bytes=budget)
+    assert parts.attrs["parameter_groups"] == len(groups) and full.attrs["parameter_groups"] == 1
+    assert parts.jacobian is None
+    np.testing.assert_allclose(parts["block_gramian"], full["block_gramian"], rtol=1e-5, atol=1e-8)  # float32 gradients
+    np.testing.assert_allclose(parts["cosine"], full["cosine"], rtol=1e-5)
+    with pytest.raises(WorkbenchError, match="use mode='gramian'"):
+        task_gradients(_losses(tasklm), params, mode="jacobian", max_bytes=budget)
+    biggest = max(jacobian_bytes(3, [t]) for t in tensors)
+    with pytest.raises(WorkbenchError, match=r"the per-task gradients of one parameter \(\(934, 128\), 3 tasks\)"):
+        task_gradients(_losses(tasklm), params, mode="gramian", max_bytes=biggest - 1)
     tasklm.model.zero_grad(set_to_none=True)
 
 
