@@ -114,3 +114,41 @@ def test_merge_budget(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     merged = merge(base, [TaskVector(base, f) for f in fts], "ties", density=0.5, out=out, max_bytes=est)
     assert out.exists() and sum(v.numel() * v.element_size() for v in merged.values()) == held
+
+
+@pytest.mark.parametrize("out_name", ["merged.safetensors", "merged_folder"])
+def test_streamed_merge_writes_what_the_kept_merge_returns(tmp_path, out_name):
+    """keep=False makes each merged tensor as it is written and keeps none; the file holds
+    exactly the kept merge's tensors, and its budget is one tensor's, not the model's."""
+    from workbench.taskvec import Checkpoint, TaskVector, merge
+    from workbench.taskvec.merging import merge_bytes
+
+    g = torch.Generator().manual_seed(1)
+    base = {f"layer{i}.w": torch.randn(200, 300, generator=g).to(torch.bfloat16) for i in range(6)}
+    base["step"] = torch.tensor([7])
+    fts = [{k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in base.items()} for _ in range(3)]
+    kept = merge(base, [TaskVector(base, f) for f in fts], "ties", density=0.3)
+    streamed_budget = merge_bytes(Checkpoint(base), 3, keep=False)
+    assert streamed_budget < merge_bytes(Checkpoint(base), 3) - 4 * 200 * 300 * 2  # five tensors fewer held
+    with pytest.raises(WorkbenchError, match="needs about"):
+        merge(base, [TaskVector(base, f) for f in fts], "ties", density=0.3, max_bytes=streamed_budget)
+    out = tmp_path / out_name
+    ck = merge(base, [TaskVector(base, f) for f in fts], "ties", density=0.3, out=out, keep=False,
+               max_bytes=streamed_budget)
+    assert isinstance(ck, Checkpoint) and sorted(ck.all_keys()) == sorted(kept)
+    for k, v in kept.items():
+        assert ck.dtype(k) == v.dtype and torch.equal(ck.get(k), v), k
+    with pytest.raises(WorkbenchError, match="keep=False writes each merged tensor to out"):
+        merge(base, [TaskVector(base, f) for f in fts], "ties", keep=False)
+
+
+def test_streamed_merge_failing_part_way_leaves_nothing(tmp_path):
+    from workbench.taskvec import TaskVector, merge
+
+    base = {"a": torch.zeros(10, 10), "b": torch.ones(10, 10)}
+    ft = {"a": torch.ones(10, 10), "b": torch.full((10, 10), float("inf"))}  # the second tensor overflows
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(WorkbenchError, match="not finite|non-finite|NaN|inf"):
+        merge(base, [TaskVector(base, ft)], "task_arithmetic", out=out, keep=False)
+    assert list(tmp_path.iterdir()) == []

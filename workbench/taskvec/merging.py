@@ -88,7 +88,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.memory import check_budget
-from workbench.safetensors_io import check_writable
+from workbench.safetensors_io import Deferred, check_writable
 from workbench.taskvec.checkpoint import Checkpoint, all_finite, check_compatible, check_finite, default_name, write_state
 from workbench.taskvec.vectors import TaskVector
 
@@ -391,11 +391,13 @@ def _merge_key(base_t: torch.Tensor, tvs: Sequence[TaskVector], key: str, weight
     return out.view(base_t.shape)
 
 
-def merge_bytes(base: Checkpoint, n: int) -> int:
-    """Bytes ``merge`` holds: the merged state (the base's size and dtypes) plus, for the
-    largest floating tensor, one whole float32 delta and its magnitudes (TIES thresholds)
-    and a slice of ``CHUNK`` entries of each of the ``n`` deltas with their work copies."""
-    out = sum(base.nbytes(k) for k in base.all_keys())
+def merge_bytes(base: Checkpoint, n: int, *, keep: bool = True) -> int:
+    """Bytes ``merge`` holds: the merged state (the base's size and dtypes; with
+    ``keep=False`` only its largest tensor) plus, for the largest floating tensor, one
+    whole float32 delta and its magnitudes (TIES thresholds) and a slice of ``CHUNK``
+    entries of each of the ``n`` deltas with their work copies."""
+    sizes = [base.nbytes(k) for k in base.all_keys()]
+    out = sum(sizes) if keep else max(sizes, default=0)
     big = max((math.prod(base.shape(k)) for k in base.keys()), default=0)
     return out + 4 * (2 * big + min(big, CHUNK) * (n + 3))
 
@@ -415,8 +417,9 @@ def merge(
     overwrite: bool = False,
     progress: bool = False,
     max_bytes: int | None = None,
+    keep: bool = True,
     **params: Any,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | Checkpoint:
     """Merge ``task_vectors`` into ``base`` tensor by tensor; return the merged state dict.
 
     ``base``: a state dict, module, Subject or safetensors path / model folder.
@@ -433,6 +436,10 @@ def merge(
     ``max_bytes``: the memory budget (the merged state, which is returned, plus the
     float32 work of the largest tensor, :func:`merge_bytes`); a merge over it is refused
     before any tensor is read, with the estimate. None: no limit.
+    ``keep=False`` (with ``out``): each merged tensor is written as soon as it is made and
+    none is kept, so memory stays at one tensor's work whatever the model's size; the
+    return value is then a :class:`Checkpoint` of ``out`` (tensors read on demand with
+    ``.get(key)``). A failure part way leaves ``out`` untouched, as always.
     """
     if "lambda" in params:
         lam = params.pop("lambda")
@@ -449,30 +456,45 @@ def merge(
     tvs = as_task_vectors(base_ck, task_vectors)
     n = len(tvs)
     keys = base_ck.keys()
-    check_budget(merge_bytes(base_ck, n), max_bytes, f"merging {n} task vectors into {base_ck.name or 'the base'}",
+    if not keep and out is None:
+        raise WorkbenchError("keep=False writes each merged tensor to out as it is made; pass out= (a .safetensors "
+                             "path or a model folder)")
+    check_budget(merge_bytes(base_ck, n, keep=keep), max_bytes, f"merging {n} task vectors into {base_ck.name or 'the base'}",
                  "merge on a machine with more memory or raise max_bytes (the merged state is held in memory)")
     weights, lam = check_merge_params(method, n=n, weights=weights, lam=lam, density=density, p=p, seed=seed, keys=keys)
     density, p = float(density), float(p)
     norm = default_normalize(method) if normalize is None else bool(normalize)
     floats = set(keys)
-    merged: dict[str, torch.Tensor] = {}
     it = base_ck.all_keys()
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"merge ({method})")
-    for key in it:
+        bar = tqdm(total=len(it), desc=f"merge ({method})")
+
+    def make(key: str) -> torch.Tensor:
         b = base_ck.get(key)
         if key not in floats:
-            merged[key] = b.clone()
-            continue
-        check_finite(b, key, base_ck.name)
-        merged[key] = _merge_key(b, tvs, key, weights_for(weights, key, n), method=method, density=density, p=p,
-                                 seed=seed, lam=lam, normalize=norm)
+            t = b.clone()
+        else:
+            check_finite(b, key, base_ck.name)
+            t = _merge_key(b, tvs, key, weights_for(weights, key, n), method=method, density=density, p=p,
+                           seed=seed, lam=lam, normalize=norm)
+        if bar is not None:
+            bar.update(1)
+        return t
+
+    if keep:
+        merged: dict[str, torch.Tensor] = {key: make(key) for key in it}
+    else:
+        merged = {key: Deferred(base_ck.dtype(key), base_ck.shape(key), lambda key=key: make(key)) for key in it}
     if out is not None:
         meta = {"method": method, "lam": lam, "density": density, "p": p, "seed": seed, "normalize": norm,
                 "task_vectors": [tv.name for tv in tvs]}
-        write_state(merged, out, base=base_ck, metadata={"workbench": json.dumps({"merge": meta})}, overwrite=overwrite)
+        written = write_state(merged, out, base=base_ck, metadata={"workbench": json.dumps({"merge": meta})},
+                              overwrite=overwrite)
+        if not keep:
+            return Checkpoint(written)
     return merged
 
 
