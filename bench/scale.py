@@ -16,12 +16,17 @@ Rows (ratio = workbench / anchor; the target is in the row's name):
   ablation, batch copies per forward) against the per-head loop (one patched forward per
   head), and the cost per head against one forward of the same batch; on tasklm the whole
   ``scan_heads`` and the function-vector indirect effects, batched against the loop;
-- ``task_gradients`` T = 4 at GPT-2-small (and tasklm): Jacobian mode and Gramian-only
-  mode against the LibMTL loop (``backward(retain_graph=True)`` per task, rows stacked),
-  time and peak memory;
+- ``task_gradients`` T = 4 at GPT-2-small (and tasklm): Jacobian mode, Gramian-only mode,
+  and Gramian-only mode under ``max_bytes`` a quarter of the Jacobian's size (products
+  over parameter groups) against the LibMTL loop (``backward(retain_graph=True)`` per
+  task, rows stacked), time and peak memory;
 - TIES of 4 bf16 task vectors at the Llama-1B shape with fewer layers (the layer count is
   in the row) against mergekit, time and peak memory, at two depths (does the peak stay
-  flat as the model grows?).
+  flat as the model grows?), keeping the merged state (``merge(..., out=...)``, which
+  returns it) and streaming it to ``out`` (``keep=False``).
+
+``BENCH_SCALE_ONLY=heads,scan,zoo,gradients,merge`` runs some sections only;
+``BENCH_SCALE_MODELS=folder`` builds the random models there once and keeps them.
 
 Peak memory: in the measuring process, after the model is loaded and a warm-up call, the
 kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the peak above the resident
@@ -335,8 +340,8 @@ _WORKBENCH_MERGE = r"""
 import sys, torch
 torch.set_num_threads(1)
 from workbench.taskvec import TaskVector, merge
-base, out, density, *fts = sys.argv[1:]
-merge(base, [TaskVector(base, f) for f in fts], "ties", density=float(density), out=out)
+base, out, density, keep, *fts = sys.argv[1:]
+merge(base, [TaskVector(base, f) for f in fts], "ties", density=float(density), out=out, keep=keep == "keep")
 """
 
 
@@ -383,7 +388,9 @@ def _merges(t: Table, sz: dict) -> None:
         try:
             base, fts, n_params = _merge_checkpoints(tmp, layers)
             ours = _run_measured([sys.executable, "-c", _WORKBENCH_MERGE, base, str(tmp / "ours.safetensors"),
-                                  str(DENSITY), *fts])
+                                  str(DENSITY), "keep", *fts])
+            streamed = _run_measured([sys.executable, "-c", _WORKBENCH_MERGE, base, str(tmp / "ours_streamed"),
+                                      str(DENSITY), "stream", *fts])
             if Path(mergekit).exists():
                 recipe = tmp / "recipe.yml"
                 recipe.write_text(to_mergekit_yaml(base, [TaskVector(base, f) for f in fts], "ties", density=DENSITY))
@@ -394,15 +401,20 @@ def _merges(t: Table, sz: dict) -> None:
             label = f"llama-1b shape, {layers} of 16 layers ({n_params / 1e6:.0f}M, bf16): TIES of {N_TV}"
             t.add(f"{label}, time (s) [target <= 0.5x]", ours["seconds"], theirs["seconds"])
             t.add(f"{label}, peak (MB) [target <= 1.0x]", ours["peak_mb"], theirs["peak_mb"])
-            peaks.append((n_params, ours["peak_mb"], theirs["peak_mb"]))
+            t.add(f"{label}, streamed (keep=False), time (s) [target <= 0.5x]", streamed["seconds"], theirs["seconds"])
+            t.add(f"{label}, streamed (keep=False), peak (MB) [target <= 1.0x]", streamed["peak_mb"],
+                  theirs["peak_mb"])
+            peaks.append((n_params, ours["peak_mb"], theirs["peak_mb"], streamed["peak_mb"]))
             print(f"  merge {layers} layers: ours {ours['seconds']:.1f} s {ours['peak_mb']:.0f} MB, mergekit "
                   f"{theirs['seconds']:.1f} s {theirs['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if len(peaks) > 1:
         t.notes.append("merge peak memory against model size: exponent workbench "
-                       f"{slope([p[0] for p in peaks], [p[1] for p in peaks]):.2f}, mergekit "
-                       f"{slope([p[0] for p in peaks], [p[2] for p in peaks]):.2f} (0 = flat, 1 = grows with the model)")
+                       f"{slope([p[0] for p in peaks], [p[1] for p in peaks]):.2f} (streamed "
+                       f"{slope([p[0] for p in peaks], [p[3] for p in peaks]):.2f}), mergekit "
+                       f"{slope([p[0] for p in peaks], [p[2] for p in peaks]):.2f} (0 = flat, 1 = grows with the model; "
+                       "at this shape the 262M-entry embedding is the largest tensor at every depth)")
 
 
 def _zoo_in_process(t: Table) -> None:
