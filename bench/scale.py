@@ -330,13 +330,30 @@ def slope(xs, ys) -> float:
 
 
 _MERGE_CHILD = r"""
-import json, resource, subprocess, sys, time
+import json, os, resource, subprocess, sys, tempfile, time
+cap = float(os.environ.get("BENCH_SCALE_RSS_CAP_MB", "inf"))
+err = tempfile.TemporaryFile()
 t = time.perf_counter()
-r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=err)
+seen, capped = 0.0, False
+while p.poll() is None:  # a watchdog: a process past the cap is stopped (the machine is shared)
+    try:
+        with open(f"/proc/{p.pid}/status") as f:
+            rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        rss = 0.0
+    seen = max(seen, rss)
+    if rss > cap:
+        p.kill()
+        capped = True
+    time.sleep(0.2)
 dt = time.perf_counter() - t
-print(json.dumps({"rc": r.returncode, "seconds": dt,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "stderr": r.stderr[-2000:]}))
+err.seek(0)
+peak = max(seen, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+print(json.dumps({"rc": 0 if capped else p.returncode, "seconds": dt, "peak_mb": peak, "capped": capped,
+                  "stderr": err.read()[-2000:].decode(errors="replace")}))
 """
+RSS_CAP_MB = 8192  # mergekit is stopped past this resident size (its figures are then lower bounds)
 
 _WORKBENCH_MERGE = r"""
 import sys, torch
@@ -347,8 +364,9 @@ merge(base, [TaskVector(base, f) for f in fts], "ties", density=float(density), 
 """
 
 
-def _run_measured(cmd: list[str]) -> dict:
-    res = subprocess.run([sys.executable, "-c", _MERGE_CHILD, *cmd], capture_output=True, text=True, env=_env(),
+def _run_measured(cmd: list[str], cap_mb: float | None = None) -> dict:
+    env = {**_env(), **({"BENCH_SCALE_RSS_CAP_MB": str(cap_mb)} if cap_mb else {})}
+    res = subprocess.run([sys.executable, "-c", _MERGE_CHILD, *cmd], capture_output=True, text=True, env=env,
                          check=True)
     info = json.loads(res.stdout.strip().splitlines()[-1])
     if info["rc"] != 0:
@@ -396,7 +414,11 @@ def _merges(t: Table, sz: dict) -> None:
             if Path(mergekit).exists():
                 recipe = tmp / "recipe.yml"
                 recipe.write_text(to_mergekit_yaml(base, [TaskVector(base, f) for f in fts], "ties", density=DENSITY))
-                theirs = _run_measured([mergekit, str(recipe), str(tmp / "mk"), "--lazy-unpickle"])
+                theirs = _run_measured([mergekit, str(recipe), str(tmp / "mk"), "--lazy-unpickle"], cap_mb=RSS_CAP_MB)
+                if theirs["capped"]:
+                    t.notes.append(f"{layers} layers: mergekit passed {RSS_CAP_MB} MB resident after "
+                                   f"{theirs['seconds']:.0f} s and was stopped (the machine is shared): its time and "
+                                   "peak in those rows are lower bounds")
             else:
                 theirs = {"seconds": float("nan"), "peak_mb": float("nan")}
                 t.notes.append("mergekit not installed (python3 dev.py bench installs it): its columns are NaN")

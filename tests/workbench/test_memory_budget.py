@@ -107,7 +107,7 @@ def test_merge_budget(tmp_path):
             for k, v in base.items()} for _ in range(3)]
     est = merge_bytes(Checkpoint(base), 3)
     held = 300 * 500 * 4 + 500 * 2 + 8
-    assert est == held + 4 * (2 * 150_000 + 150_000 * 6)
+    assert est == held + 2 * 150_000 * 4 + 4 * (2 * 150_000 + 150_000 * 6)
     out = tmp_path / "merged.safetensors"
     with pytest.raises(WorkbenchError, match=re.escape(f"merging 3 task vectors into base needs about {fmt_bytes(est)}")):
         merge(base, [TaskVector(base, f) for f in fts], "ties", density=0.5, out=out, max_bytes=est - 1)

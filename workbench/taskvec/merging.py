@@ -126,13 +126,18 @@ def magnitudes(delta: torch.Tensor) -> torch.Tensor:
 def trim_threshold(delta: torch.Tensor, density: float) -> float | None:
     """The magnitude TIES keeps entries at or above: the k-th largest of the whole
     tensor, ``k = trim_count(numel, density)`` (None: keep everything; inf: nothing)."""
-    n = delta.numel()
+    return magnitude_threshold(magnitudes(delta), density)
+
+
+def magnitude_threshold(mag: torch.Tensor, density: float) -> float | None:
+    """:func:`trim_threshold` from the magnitudes ``mag`` (flat, float32 at least) themselves."""
+    n = mag.numel()
     k = trim_count(n, density)
     if k >= n:
         return None
     if k == 0:
         return math.inf
-    return magnitudes(delta).kthvalue(n - k + 1).values.item()
+    return mag.kthvalue(n - k + 1).values.item()
 
 
 def trim(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:
@@ -371,8 +376,8 @@ def _merge_key(base_t: torch.Tensor, tvs: Sequence[TaskVector], key: str, weight
     elif method == "ties":
         thresholds = []
         for tv in tvs:  # first pass: one whole delta at a time, checked finite, for its threshold
-            d = tv[key]
-            thresholds.append(trim_threshold(d, density))
+            d = tv[key]  # our own float32 / float64 copy: its magnitudes in place
+            thresholds.append(magnitude_threshold(d.abs_().reshape(-1), density))
             del d
     out = torch.empty(n, dtype=base_t.dtype, device=device)
     for lo in range(0, n, CHUNK):
@@ -393,13 +398,15 @@ def _merge_key(base_t: torch.Tensor, tvs: Sequence[TaskVector], key: str, weight
 
 def merge_bytes(base: Checkpoint, n: int, *, keep: bool = True) -> int:
     """Bytes ``merge`` holds: the merged state (the base's size and dtypes; with
-    ``keep=False`` only its largest tensor) plus, for the largest floating tensor, one
-    whole float32 delta and its magnitudes (TIES thresholds) and a slice of ``CHUNK``
-    entries of each of the ``n`` deltas with their work copies."""
+    ``keep=False`` only its largest tensor) plus, for the largest floating tensor, the
+    two checkpoints' copies being subtracted, the float32 delta and kthvalue's copy of its
+    magnitudes (TIES thresholds), and a slice of ``CHUNK`` entries of each of the ``n``
+    deltas with their work copies."""
     sizes = [base.nbytes(k) for k in base.all_keys()]
     out = sum(sizes) if keep else max(sizes, default=0)
     big = max((math.prod(base.shape(k)) for k in base.keys()), default=0)
-    return out + 4 * (2 * big + min(big, CHUNK) * (n + 3))
+    src = max((base.nbytes(k) for k in base.keys()), default=0)
+    return out + 2 * src + 4 * (2 * big + min(big, CHUNK) * (n + 3))
 
 
 def merge(
@@ -499,5 +506,5 @@ def merge(
 
 
 __all__ = ["CHUNK", "DARE_BLOCK", "METHODS", "as_task_vectors", "check_merge_params", "dare_keep", "default_normalize",
-           "drop", "elect_and_mean", "key_seed", "merge", "merge_bytes", "merge_delta", "merge_tensor", "trim", "trim_count",
+           "drop", "elect_and_mean", "key_seed", "magnitude_threshold", "merge", "merge_bytes", "merge_delta", "merge_tensor", "trim", "trim_count",
            "trim_threshold", "trim_topk", "weights_for", "work_dtype"]
