@@ -1,8 +1,11 @@
-"""Memory estimates taken before large activation caches are built."""
+"""Memory estimates taken before large activation caches are built, and the one check
+that refuses a request over its budget (``max_bytes``) before any work."""
 
 from __future__ import annotations
 
 import os
+
+from workbench.errors import WorkbenchError
 
 DEFAULT_BUDGET_BYTES = int(os.environ.get("WORKBENCH_CACHE_BUDGET", 512 * 2**20))
 
@@ -20,3 +23,15 @@ def rows_per_batch(bytes_per_row: int, budget: int, n_rows: int) -> int:
     if bytes_per_row <= 0:
         return n_rows
     return max(1, min(n_rows, budget // bytes_per_row))
+
+
+def check_budget(estimate: int, max_bytes: int | None, what: str, advice: str) -> None:
+    """Raise a WorkbenchError stating ``estimate`` when it exceeds ``max_bytes`` (None: no
+    limit); called before any work, so a request that cannot fit fails at once."""
+    if max_bytes is None:
+        return
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise WorkbenchError(f"max_bytes must be a positive integer (bytes) or None, got {max_bytes!r}")
+    if estimate > max_bytes:
+        raise WorkbenchError(f"{what} needs about {fmt_bytes(estimate)}, over the budget max_bytes="
+                             f"{fmt_bytes(max_bytes)}; {advice}")

@@ -36,11 +36,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -138,6 +140,11 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entry(key)[1]
 
+    def nbytes(self, key: str) -> int:
+        """Bytes of tensor ``key`` in the file."""
+        _, _, begin, end = self._entry(key)
+        return end - begin
+
     def _entry(self, key: str):
         try:
             return self.info[key]
@@ -223,8 +230,39 @@ def read_file(path: str | os.PathLike, *, framework: str = "pt") -> tuple[dict[s
 # ---------------------------------------------------------------------- writing
 
 
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``"BF16"`` -> ``torch.bfloat16``)."""
+    if code not in _ST_TORCH:
+        raise WorkbenchError(f"safetensors dtype {code!r} has no torch dtype here; known: {', '.join(_ST_TORCH)}")
+    return _ST_TORCH[code]
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor that :func:`write_file` makes only when its turn to be written comes:
+    its dtype and shape (for the header) and a function that returns it. A writer of
+    many large tensors (a merge) then holds one at a time, not all of them."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    def value(self, name: str) -> torch.Tensor:
+        t = self.make()
+        if not isinstance(t, torch.Tensor) or t.dtype != self.dtype or tuple(t.shape) != tuple(self.shape):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise WorkbenchError(f"deferred tensor {name!r} was announced as {self.dtype} {tuple(self.shape)} but "
+                                 f"made as {got}")
+        return t
+
+
 def _entry_of(name: str, v: Any) -> tuple[str, list[int], int, Any]:
-    """(dtype code, shape, byte count, the value) of a torch tensor or numpy array."""
+    """(dtype code, shape, byte count, the value) of a torch tensor, numpy array or
+    :class:`Deferred` tensor."""
+    if isinstance(v, Deferred):
+        if v.dtype not in _TORCH_ST:
+            raise WorkbenchError(f"tensor {name!r} has dtype {v.dtype}, which safetensors cannot store")
+        return _TORCH_ST[v.dtype], list(v.shape), math.prod(v.shape) * _ITEMSIZE[_TORCH_ST[v.dtype]], v
     if isinstance(v, torch.Tensor):
         if v.dtype not in _TORCH_ST:
             raise WorkbenchError(f"tensor {name!r} has dtype {v.dtype}, which safetensors cannot store")
@@ -273,8 +311,10 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool = False, what: st
 
 def write_file(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
                *, overwrite: bool = True) -> str:
-    """Write ``tensors`` (torch tensors or numpy arrays, any mix) to one safetensors file,
-    atomically: a temporary file in the same folder, flushed, then renamed into place.
+    """Write ``tensors`` (torch tensors, numpy arrays or :class:`Deferred` tensors, any
+    mix) to one safetensors file, atomically: a temporary file in the same folder,
+    flushed, then renamed into place. Deferred tensors are made one at a time, as they
+    are written.
 
     ``overwrite=False`` refuses an existing non-empty ``path`` (and never replaces one
     that appears while writing). On any error nothing is left behind and an existing
@@ -303,7 +343,9 @@ def write_file(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Ma
             f.write(blob)
             for k in order:
                 if entries[k][2]:
-                    f.write(_raw(entries[k][3]))
+                    v = entries[k][3]
+                    f.write(_raw(v.value(k) if isinstance(v, Deferred) else v))
+                    del v
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
@@ -378,5 +420,5 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["FLOAT_DTYPES", "SafetensorsFile", "atomic_directory", "check_writable", "is_nonempty", "read_file",
-           "write_file"]
+__all__ = ["FLOAT_DTYPES", "Deferred", "SafetensorsFile", "atomic_directory", "check_writable", "is_nonempty",
+           "read_file", "torch_dtype", "write_file"]

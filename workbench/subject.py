@@ -199,10 +199,20 @@ class Subject:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the first parameter, or for a model dispatched by
+        accelerate (``device_map``) the device its token embedding runs on; weights
+        offloaded to the CPU or disk (``"cpu"``, ``"disk"``, the ``meta`` device) run on
+        the CPU unless another device holds the embedding."""
+        dmap = getattr(self.model, "hf_device_map", None)
+        if dmap:
+            placed = [d for d in dmap.values() if d not in ("disk", "meta")]
+            first = placed[0] if placed else "cpu"
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
         try:
-            return next(self.model.parameters()).device
+            dev = next(self.model.parameters()).device
         except StopIteration:
             return torch.device("cpu")
+        return torch.device("cpu") if dev.type == "meta" else dev
 
     @property
     def dtype(self) -> torch.dtype:
@@ -548,14 +558,20 @@ def _pick_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def _pick_dtype(dtype, device: torch.device):
-    if dtype == "auto":
+    """``"auto"``, a floating torch dtype or its name (``"bfloat16"``); anything else is refused."""
+    if isinstance(dtype, str) and dtype == "auto":
         return torch.float32 if device.type == "cpu" else "auto"
-    if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise WorkbenchError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'")
-        return getattr(torch, dtype)
-    return dtype
+    name = dtype.replace("torch.", "") if isinstance(dtype, str) else None
+    if name is not None and name in MODEL_DTYPES:
+        return getattr(torch, name)
+    if isinstance(dtype, torch.dtype) and str(dtype).replace("torch.", "") in MODEL_DTYPES:
+        return dtype
+    raise WorkbenchError(f"unknown dtype {dtype!r}; use 'auto' or one of {', '.join(MODEL_DTYPES)} "
+                         "(as a name or a torch dtype, e.g. torch.bfloat16)")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
@@ -588,7 +604,9 @@ def load(
     ``dtype="auto"`` is float32 on the CPU and the checkpoint's dtype on a GPU. Extra
     keyword arguments go to ``from_pretrained`` (``device_map="auto"`` spreads a large
     model over several GPUs; ``revision=...``; ``trust_remote_code`` stays off unless
-    you pass it). Attention defaults to ``attn_implementation="eager"`` so attention
+    you pass it; ``max_memory={"cpu": "2GB"}`` with ``offload_folder=...`` caps what is
+    held in memory and offloads the remaining layers to disk through accelerate, for
+    a model larger than the memory given to it). Attention defaults to ``attn_implementation="eager"`` so attention
     patterns can be read. ``remote=True`` runs every trace on NDIF through nnsight.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -623,6 +641,7 @@ def load(
         return Subject(nn._model, nn.tokenizer, name=name, nn=nn, remote=True)
 
     dev = _pick_device(device)
+    _check_dispatch(hf_kwargs)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=hf_kwargs["trust_remote_code"],
                                             revision=hf_kwargs.get("revision"))
@@ -647,6 +666,33 @@ def load(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=hf_kwargs.get("revision"))
     return Subject(model, tokenizer, name=name, weights_sha256=weights_sha)
+
+
+def _check_dispatch(hf_kwargs: Mapping[str, Any]) -> None:
+    """``device_map`` / ``max_memory`` / ``offload_folder``: accelerate's dispatch, checked
+    before any weights load."""
+    if hf_kwargs.get("device_map") is None:
+        given = [k for k in ("max_memory", "offload_folder", "offload_state_dict") if hf_kwargs.get(k) is not None]
+        if given:
+            raise WorkbenchError(f"{', '.join(given)} only apply with device_map (e.g. device_map='auto', which "
+                                 "places the layers under max_memory and offloads the rest to the CPU or to "
+                                 "offload_folder on disk)")
+        return
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as err:
+        raise WorkbenchError("device_map needs the accelerate package (pip install accelerate)") from err
+    dm = hf_kwargs["device_map"]
+    if not isinstance(dm, (str, Mapping, torch.device, int)):
+        raise WorkbenchError(f"device_map must be 'auto', 'balanced', 'sequential', a device, or a dict "
+                             f"module name -> device ('cpu', 'disk', 0, 'cuda:0'), got {type(dm).__name__}")
+    mm = hf_kwargs.get("max_memory")
+    if mm is not None and (not isinstance(mm, Mapping) or not mm):
+        raise WorkbenchError(f"max_memory must be a dict device -> size such as {{'cpu': '2GB'}} or {{0: '10GiB', "
+                             f"'cpu': '30GiB'}}, got {mm!r}")
+    folder = hf_kwargs.get("offload_folder")
+    if folder is not None and not isinstance(folder, (str, os.PathLike)):
+        raise WorkbenchError(f"offload_folder must be a directory path, got {type(folder).__name__}")
 
 
 def from_model(model: torch.nn.Module, tokenizer, *, name: str = "custom", eager: bool = True) -> Subject:

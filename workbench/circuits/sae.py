@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from workbench import storage
 from workbench.errors import WorkbenchError, one_of
+from workbench.memory import check_budget
 from workbench.results import Result, provenance, register
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
@@ -724,6 +725,16 @@ def _resample(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor
     return len(idx)
 
 
+def training_bytes(sae: SAE, batch_size: int) -> int:
+    """Bytes one step of :func:`train_sae` holds: the parameters, their gradients and two
+    Adam moments, and per batch row the dense pre-activations, features and gradient of
+    each ([batch_size, d_sae], float32 at least) and a few [batch_size, d_in] tensors
+    (input, reconstruction, error, gradient)."""
+    params = sum(p.numel() * p.element_size() for p in sae.parameters())
+    width = max(4, sae.W_dec.element_size())
+    return 4 * params + batch_size * width * (4 * sae.d_sae + 4 * sae.d_in)
+
+
 def train_sae(
     sae: SAE,
     data,
@@ -743,6 +754,7 @@ def train_sae(
     checkpoint_every: int = 500,
     seed: int = 0,
     progress: bool = True,
+    max_bytes: int | None = None,
 ) -> TrainingLog:
     """Train ``sae`` in place for ``steps`` steps of Adam; returns the per-step log.
 
@@ -769,6 +781,11 @@ def train_sae(
     bit-identical to an uninterrupted run; the call's hyperparameters must match the
     checkpoint's (a WorkbenchError lists those that differ).
     A tqdm bar shows loss, L0 and the dead fraction.
+
+    ``max_bytes``: the memory budget of training (the SAE, its gradients and Adam's two
+    moments, and one batch's dense [batch_size, d_sae] pre-activations, features and
+    their gradients, :func:`training_bytes`); a run over it is refused before the first
+    step, with the estimate. None: no limit.
     """
     from tqdm.auto import tqdm
 
@@ -781,6 +798,9 @@ def train_sae(
         raise WorkbenchError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     if sae.kind not in TRAINABLE_KINDS:
         raise WorkbenchError(f"training {sae.kind} SAEs is not supported; train {', '.join(TRAINABLE_KINDS)}")
+    check_budget(training_bytes(sae, batch_size), max_bytes,
+                 f"training this SAE ({sae.d_in} x {sae.d_sae}) on batches of {batch_size}",
+                 "lower batch_size or d_sae, or raise max_bytes")
     if isinstance(data, torch.Tensor):
         sae.check_input(data, "training data")
         check_finite(data, "the training data")

@@ -30,6 +30,7 @@ import torch
 from workbench.blocks import block_of, block_order
 from workbench.errors import WorkbenchError
 from workbench.layout import FAMILIES, Family
+from workbench.memory import check_budget
 from workbench.results import Result, provenance, register
 from workbench.stats import cosine_from_gramian
 
@@ -167,11 +168,13 @@ def block_gramians(jac: torch.Tensor, block_index: Sequence[int], sizes: Sequenc
 
 
 def jacobian(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *, retain_graph: bool = False,
-             extra: Sequence[torch.nn.Parameter] = ()) -> tuple[torch.Tensor, list | None]:
+             extra: Sequence[torch.nn.Parameter] = (), reached: list | None = None) -> tuple[torch.Tensor, list | None]:
     """The [T, P] float32 matrix of per-task gradients of (checked) ``losses`` on
     ``tensors``, one ``autograd.grad`` per loss over the shared graph; and, for the
     ``extra`` parameters, the gradient of the summed loss from the same passes (None where
-    no loss reaches one; None in all when ``extra`` is empty)."""
+    no loss reaches one; None in all when ``extra`` is empty). A loss that reaches none of
+    ``tensors`` is an error, unless ``reached`` (a list of T flags) is given: then its
+    row is zero and ``reached[t]`` is set for each loss that reaches some tensor."""
     if not tensors:
         raise WorkbenchError("no shared parameters given: the Jacobian needs at least one tensor")
     sizes = [p.numel() for p in tensors]
@@ -183,7 +186,9 @@ def jacobian(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *,
         grads = torch.autograd.grad(loss, list(tensors) + extra, retain_graph=retain_graph or t < T - 1,
                                     allow_unused=True)
         grads, more = grads[: len(tensors)], grads[len(tensors):]
-        if all(g is None for g in grads):
+        if reached is not None:
+            reached[t] = reached[t] or any(g is not None for g in grads)
+        elif all(g is None for g in grads):
             raise WorkbenchError(f"loss {t} does not depend on the shared parameters: its gradient there is undefined")
         torch.cat([g.reshape(-1) if g is not None else torch.zeros(n, dtype=jac.dtype, device=jac.device)
                    for g, n in zip(grads, sizes)], out=jac[t])
@@ -366,6 +371,30 @@ def _gradients_result(jac: torch.Tensor | None, bg: np.ndarray, losses: Sequence
     return res
 
 
+def jacobian_bytes(n_tasks: int, tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes ``task_gradients`` adds on top of the forward graph: the [T, P] float32
+    Jacobian and one task's gradient in the parameters' dtype."""
+    return 4 * n_tasks * sum(p.numel() for p in tensors) + sum(p.numel() * p.element_size() for p in tensors)
+
+
+def parameter_groups(n_tasks: int, tensors: Sequence[torch.Tensor], max_bytes: int) -> list[list[int]]:
+    """Consecutive groups of ``tensors`` (indices) whose per-task gradients
+    (:func:`jacobian_bytes`) each fit ``max_bytes``, as few as greedy packing gives; one
+    tensor that alone does not fit is refused with its estimate."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, p in enumerate(tensors):
+        need = jacobian_bytes(n_tasks, [p])
+        check_budget(need, max_bytes, f"the per-task gradients of one parameter ({tuple(p.shape)}, {n_tasks} tasks)",
+                     "raise max_bytes: a parameter is the smallest group the Gramian is taken over")
+        if used + need > max_bytes and groups[-1]:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += need
+    return groups
+
+
 def task_gradients(
     losses: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     params: Iterable[tuple[str, torch.nn.Parameter]] | Iterable[torch.nn.Parameter],
@@ -376,6 +405,7 @@ def task_gradients(
     block_depth: int = 2,
     retain_graph: bool = False,
     extra: Sequence[torch.nn.Parameter] = (),
+    max_bytes: int | None = None,
 ) -> TaskGradients:
     """Per-task gradients of ``losses`` on ``params`` (one backward per task over the
     shared forward graph) as a :class:`TaskGradients` result: float64 Gramians overall and
@@ -390,6 +420,14 @@ def task_gradients(
     field, for an aggregator; ``mode="gramian"`` drops it once the products are taken.
     ``extra``: parameters outside the Jacobian (e.g. task heads) whose gradient of the
     *summed* loss is wanted too, from the same T backward passes (``extra_grads``).
+    ``max_bytes``: the memory budget for what this call adds to the forward graph (the
+    T x P float32 Jacobian plus one task's gradient, :func:`jacobian_bytes`). In
+    ``"gramian"`` mode a Jacobian over the budget is never built: the parameters are cut
+    into consecutive groups whose [T, group] Jacobian fits (:func:`parameter_groups`), and
+    the Gramians are summed over the groups, at the cost of T backward passes per group
+    (``attrs["parameter_groups"]``), so memory no longer grows with T x P. In
+    ``"jacobian"`` mode, or when one parameter alone does not fit, the request is refused
+    before any backward pass, with the estimate. None: no limit.
     """
     if mode not in ("jacobian", "gramian"):
         raise WorkbenchError(f"mode must be 'jacobian' or 'gramian', got {mode!r}")
@@ -401,11 +439,36 @@ def task_gradients(
     extra = check_tensors(extra, "extra")
     blocks, block_index = parameter_blocks([n for n, _ in named], family, depth=block_depth)
     sizes = [p.numel() for p in tensors]
-    jac, extra_grads = jacobian(losses, tensors, retain_graph=retain_graph, extra=extra)
-    bg = block_gramians(jac, block_index, sizes, len(blocks))
+    T = len(losses)
+    need = jacobian_bytes(T, tensors)
+    if mode == "jacobian" or max_bytes is None or need <= max_bytes:
+        check_budget(need, max_bytes, f"per-task gradients of {T} tasks on {sum(sizes):,} parameters (the [T, P] "
+                     "float32 Jacobian and one task's gradient)",
+                     "use mode='gramian' (the products are taken over parameter groups that fit, at one backward "
+                     "pass per task and group), pass fewer shared parameters or tasks, or raise max_bytes")
+        jac, extra_grads = jacobian(losses, tensors, retain_graph=retain_graph, extra=extra)
+        bg = block_gramians(jac, block_index, sizes, len(blocks))
+        n_groups = 1
+    else:
+        groups = parameter_groups(T, tensors, max_bytes)
+        n_groups = len(groups)
+        bg = np.zeros((len(blocks), T, T))
+        reached = [False] * T
+        extra_grads = None
+        for gi, idx in enumerate(groups):
+            part, more = jacobian(losses, [tensors[i] for i in idx], retain_graph=retain_graph or gi < n_groups - 1,
+                                  extra=extra if gi == 0 else (), reached=reached)
+            bg += block_gramians(part, [block_index[i] for i in idx], [sizes[i] for i in idx], len(blocks))
+            extra_grads = more if gi == 0 else extra_grads
+            del part
+        if not all(reached):
+            raise WorkbenchError(f"loss {reached.index(False)} does not depend on the shared parameters: its "
+                                 "gradient there is undefined")
+        jac = None
     block_size = np.bincount(block_index, weights=sizes, minlength=len(blocks)).astype(np.int64)
     fam = family if family is None or isinstance(family, str) else family.name
-    settings = {"mode": mode, "family": fam, "block_depth": block_depth, "n_params": int(sum(sizes))}
+    settings = {"mode": mode, "family": fam, "block_depth": block_depth, "n_params": int(sum(sizes)),
+                "parameter_groups": n_groups}
     res = _gradients_result(jac if mode == "jacobian" else None, bg, [float(l.detach()) for l in losses], tasks=names,
                             blocks=blocks, block_size=block_size, wrt="parameters", params=settings)
     res.extra_grads = extra_grads
@@ -493,6 +556,7 @@ def conflict_summary(tg: TaskGradients) -> ConflictSummary:
 __all__ = [
     "ConflictSummary", "TaskGradients", "block_gramians", "check_depth", "check_losses", "check_stacked",
     "check_tensors", "conflict_fractions", "conflict_summary", "cosines_and_conflicts", "family_of_model", "gram64",
-    "jacobian", "magnitude_similarity", "mean_pair_cosine", "named_parameters", "parameter_blocks",
+    "jacobian", "jacobian_bytes", "magnitude_similarity", "mean_pair_cosine", "named_parameters", "parameter_blocks",
+    "parameter_groups",
     "representation_gradients", "shared_parameters", "task_gradients",
 ]

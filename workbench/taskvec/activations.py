@@ -42,6 +42,7 @@ from workbench.data import DEFAULT_FORMAT, answer_token_ids, get_task, icl_promp
 from workbench.effects import Heads, Patching
 from workbench.errors import WorkbenchError
 from workbench.memory import DEFAULT_BUDGET_BYTES
+from workbench.metrics import upcast
 from workbench.results import Result, provenance, register
 
 
@@ -252,9 +253,10 @@ def mean_head_outputs(subject, batch) -> torch.Tensor:
 
 
 def project_heads(subject, mean_z: torch.Tensor) -> torch.Tensor:
-    """Head outputs through the output projection: [layer, head, d_head] -> [layer, head, d_model]."""
+    """Head outputs through the output projection: [layer, head, d_head] -> [layer, head, d_model]
+    (in float32 at least: a half-precision model's W_O is upcast, not the means rounded)."""
     with torch.no_grad():
-        return torch.stack([torch.einsum("hd,hdm->hm", mean_z[l].to(subject.dtype), subject.W_O(l).detach()).float()
+        return torch.stack([torch.einsum("hd,hdm->hm", upcast(mean_z[l]), upcast(subject.W_O(l).detach()))
                             for l in range(subject.n_layers)])
 
 

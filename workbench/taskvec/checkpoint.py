@@ -23,7 +23,9 @@ from typing import Any, Mapping
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.safetensors_io import FLOAT_DTYPES, SafetensorsFile, atomic_directory, check_writable, write_file
+from workbench.safetensors_io import (
+    FLOAT_DTYPES, SafetensorsFile, atomic_directory, check_writable, torch_dtype, write_file,
+)
 
 
 class Checkpoint:
@@ -111,6 +113,19 @@ class Checkpoint:
         if self._tensors is not None:
             return tuple(self._tensors[key].shape)
         return self._files[self._where[key]].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The torch dtype of tensor ``key`` (without reading it)."""
+        if self._tensors is not None:
+            return self._tensors[key].dtype
+        return torch_dtype(self._files[self._where[key]].dtype(key))
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of tensor ``key`` (without reading it)."""
+        if self._tensors is not None:
+            t = self._tensors[key]
+            return t.numel() * t.element_size()
+        return self._files[self._where[key]].nbytes(key)
 
     def get(self, key: str) -> torch.Tensor:
         if self._tensors is not None:

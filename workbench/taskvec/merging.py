@@ -87,7 +87,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.safetensors_io import check_writable
+from workbench.memory import check_budget
+from workbench.safetensors_io import Deferred, check_writable
 from workbench.taskvec.checkpoint import Checkpoint, all_finite, check_compatible, check_finite, default_name, write_state
 from workbench.taskvec.vectors import TaskVector
 
@@ -125,13 +126,18 @@ def magnitudes(delta: torch.Tensor) -> torch.Tensor:
 def trim_threshold(delta: torch.Tensor, density: float) -> float | None:
     """The magnitude TIES keeps entries at or above: the k-th largest of the whole
     tensor, ``k = trim_count(numel, density)`` (None: keep everything; inf: nothing)."""
-    n = delta.numel()
+    return magnitude_threshold(magnitudes(delta), density)
+
+
+def magnitude_threshold(mag: torch.Tensor, density: float) -> float | None:
+    """:func:`trim_threshold` from the magnitudes ``mag`` (flat, float32 at least) themselves."""
+    n = mag.numel()
     k = trim_count(n, density)
     if k >= n:
         return None
     if k == 0:
         return math.inf
-    return magnitudes(delta).kthvalue(n - k + 1).values.item()
+    return mag.kthvalue(n - k + 1).values.item()
 
 
 def trim(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:
@@ -370,8 +376,8 @@ def _merge_key(base_t: torch.Tensor, tvs: Sequence[TaskVector], key: str, weight
     elif method == "ties":
         thresholds = []
         for tv in tvs:  # first pass: one whole delta at a time, checked finite, for its threshold
-            d = tv[key]
-            thresholds.append(trim_threshold(d, density))
+            d = tv[key]  # our own float32 / float64 copy: its magnitudes in place
+            thresholds.append(magnitude_threshold(d.abs_().reshape(-1), density))
             del d
     out = torch.empty(n, dtype=base_t.dtype, device=device)
     for lo in range(0, n, CHUNK):
@@ -390,6 +396,19 @@ def _merge_key(base_t: torch.Tensor, tvs: Sequence[TaskVector], key: str, weight
     return out.view(base_t.shape)
 
 
+def merge_bytes(base: Checkpoint, n: int, *, keep: bool = True) -> int:
+    """Bytes ``merge`` holds: the merged state (the base's size and dtypes; with
+    ``keep=False`` only its largest tensor) plus, for the largest floating tensor, the
+    two checkpoints' copies being subtracted, the float32 delta and kthvalue's copy of its
+    magnitudes (TIES thresholds), and a slice of ``CHUNK`` entries of each of the ``n``
+    deltas with their work copies."""
+    sizes = [base.nbytes(k) for k in base.all_keys()]
+    out = sum(sizes) if keep else max(sizes, default=0)
+    big = max((math.prod(base.shape(k)) for k in base.keys()), default=0)
+    src = max((base.nbytes(k) for k in base.keys()), default=0)
+    return out + 2 * src + 4 * (2 * big + min(big, CHUNK) * (n + 3))
+
+
 def merge(
     base: Any,
     task_vectors: Sequence[TaskVector | Any],
@@ -404,8 +423,10 @@ def merge(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    max_bytes: int | None = None,
+    keep: bool = True,
     **params: Any,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | Checkpoint:
     """Merge ``task_vectors`` into ``base`` tensor by tensor; return the merged state dict.
 
     ``base``: a state dict, module, Subject or safetensors path / model folder.
@@ -419,6 +440,13 @@ def merge(
     config and tokenizer files); written atomically once every tensor merged, and an
     existing non-empty ``out`` is refused unless ``overwrite=True``. Non-float tensors of
     the base are copied unchanged. NaN / inf anywhere raises before ``out`` is touched.
+    ``max_bytes``: the memory budget (the merged state, which is returned, plus the
+    float32 work of the largest tensor, :func:`merge_bytes`); a merge over it is refused
+    before any tensor is read, with the estimate. None: no limit.
+    ``keep=False`` (with ``out``): each merged tensor is written as soon as it is made and
+    none is kept, so memory stays at one tensor's work whatever the model's size; the
+    return value is then a :class:`Checkpoint` of ``out`` (tensors read on demand with
+    ``.get(key)``). A failure part way leaves ``out`` untouched, as always.
     """
     if "lambda" in params:
         lam = params.pop("lambda")
@@ -435,31 +463,48 @@ def merge(
     tvs = as_task_vectors(base_ck, task_vectors)
     n = len(tvs)
     keys = base_ck.keys()
+    if not keep and out is None:
+        raise WorkbenchError("keep=False writes each merged tensor to out as it is made; pass out= (a .safetensors "
+                             "path or a model folder)")
+    check_budget(merge_bytes(base_ck, n, keep=keep), max_bytes, f"merging {n} task vectors into {base_ck.name or 'the base'}",
+                 "merge on a machine with more memory or raise max_bytes (the merged state is held in memory)")
     weights, lam = check_merge_params(method, n=n, weights=weights, lam=lam, density=density, p=p, seed=seed, keys=keys)
     density, p = float(density), float(p)
     norm = default_normalize(method) if normalize is None else bool(normalize)
     floats = set(keys)
-    merged: dict[str, torch.Tensor] = {}
     it = base_ck.all_keys()
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"merge ({method})")
-    for key in it:
+        bar = tqdm(total=len(it), desc=f"merge ({method})")
+
+    def make(key: str) -> torch.Tensor:
         b = base_ck.get(key)
         if key not in floats:
-            merged[key] = b.clone()
-            continue
-        check_finite(b, key, base_ck.name)
-        merged[key] = _merge_key(b, tvs, key, weights_for(weights, key, n), method=method, density=density, p=p,
-                                 seed=seed, lam=lam, normalize=norm)
+            t = b.clone()
+        else:
+            check_finite(b, key, base_ck.name)
+            t = _merge_key(b, tvs, key, weights_for(weights, key, n), method=method, density=density, p=p,
+                           seed=seed, lam=lam, normalize=norm)
+        if bar is not None:
+            bar.update(1)
+        return t
+
+    if keep:
+        merged: dict[str, torch.Tensor] = {key: make(key) for key in it}
+    else:
+        merged = {key: Deferred(base_ck.dtype(key), base_ck.shape(key), lambda key=key: make(key)) for key in it}
     if out is not None:
         meta = {"method": method, "lam": lam, "density": density, "p": p, "seed": seed, "normalize": norm,
                 "task_vectors": [tv.name for tv in tvs]}
-        write_state(merged, out, base=base_ck, metadata={"workbench": json.dumps({"merge": meta})}, overwrite=overwrite)
+        written = write_state(merged, out, base=base_ck, metadata={"workbench": json.dumps({"merge": meta})},
+                              overwrite=overwrite)
+        if not keep:
+            return Checkpoint(written)
     return merged
 
 
 __all__ = ["CHUNK", "DARE_BLOCK", "METHODS", "as_task_vectors", "check_merge_params", "dare_keep", "default_normalize",
-           "drop", "elect_and_mean", "key_seed", "merge", "merge_delta", "merge_tensor", "trim", "trim_count",
+           "drop", "elect_and_mean", "key_seed", "magnitude_threshold", "merge", "merge_bytes", "merge_delta", "merge_tensor", "trim", "trim_count",
            "trim_threshold", "trim_topk", "weights_for", "work_dtype"]

@@ -82,21 +82,23 @@ class TaskVector:
         if key not in self._shapes:
             raise WorkbenchError(f"task vector {self.name!r} has no tensor {key!r}")
         out = None
-        for coef, ft, base in self.terms:
+        for coef, ft, base in self.terms:  # in place on a copy of our own: one work-dtype tensor, not three
             f = ft.get(key)
             if base is None:
                 check_finite(f, key, ft.name)
-                d = f.to(_work(f))
+                d = f.to(_work(f), copy=True)
             else:
                 b = base.get(key)
-                dt = _work(f, b)
-                d = f.to(dt) - b.to(dt)
+                d = f.to(_work(f, b), copy=True).sub_(b)
                 if not all_finite(d):
                     check_finite(b, key, base.name)
                     check_finite(f, key, ft.name)
                     check_finite(d, key, f"{ft.name} - {base.name}")
-            d = d if coef == 1.0 else d * coef
-            out = d if out is None else out + d
+                del b
+            del f
+            if coef != 1.0:
+                d.mul_(coef)
+            out = d if out is None else out.add_(d)
         return out
 
     def flat(self, key: str, lo: int, hi: int, *, check: bool = True) -> torch.Tensor:
