@@ -105,6 +105,7 @@ class AttentionExplorer(W.VBox):
             wrap_box([self.overview], min_width=600),
             self.export_box,
         ], kind=kind, layer=layer, head=head, prompt=prompt, query=n - 1, layout=W.Layout(width="100%"))
+        self.add_class("wb-attention-explorer")  # a stable handle for page tests and styles
         W.link((self, "kind"), (self.kind_select, "value"))
         W.link((self, "prompt"), (self.prompt_select, "value"))
         W.link((self, "query"), (self.query_slider, "value"))

@@ -54,6 +54,7 @@ class AttentionView(W.VBox):
         for name, control in (("prompt", self.prompt_select), ("layer", self.layer_select),
                               ("head", self.head_select), ("query", self.query_slider)):
             W.link((self, name), (control, "value"))
+        self.add_class("wb-attention-view")  # a stable handle for page tests and styles
         W.link((self, "query"), (self.tokens, "selected"))
         self.figure.data[0].on_click(self._on_click)
         self.observe(self._redraw, names=["prompt", "layer", "head"])

@@ -140,6 +140,7 @@ class TaskVectorLab(W.VBox):
             self.export_box = export_controls(self, "task_vector_lab.html")
             children.append(self.export_box)
             super().__init__(children, method=method, layout=W.Layout(width="100%"))
+        self.add_class("wb-task-vector-lab")  # a stable handle for page tests and styles
         W.link((self, "method"), (self.method_select, "value"))
         self._enable_params()
         if evaluator is None:
