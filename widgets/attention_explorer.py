@@ -90,7 +90,10 @@ class AttentionExplorer(W.VBox):
         self.ablate_button = W.Button(description="ablate", tooltip="ablate the selected head beside random heads",
                                       layout=W.Layout(width="auto"))
         self.ablate_status = W.HTML()
-        self.bars = responsive_figure(ablation_bars(None, metric=metric_name(metric), where=f"prompt {prompt}"))
+        # built with what it shows first (an update sent before the front end has loaded plotly's widget
+        # code is lost there): the saved ablation of the opening selection, if any
+        self.bars = responsive_figure(ablation_bars(self._ablations.get((prompt, layer, head)),
+                                                    metric=metric_name(metric), where=f"prompt {prompt}"))
         self.attribute_button = W.Button(description="attribute", layout=W.Layout(width="auto"),
                                          tooltip="integrated gradients of the prediction at the prompt's end")
         self.attribution_html = W.HTML(layout=W.Layout(width="100%"))
@@ -124,7 +127,7 @@ class AttentionExplorer(W.VBox):
         needs(self.attribute_button, offline)
         self.reason.value = reason_html(offline)
         self._retoken()
-        self._show_results()
+        self._show_results(draw=False)
 
     @classmethod
     def from_subject(cls, subject, prompts, *, kinds=None, n_boot: int = 500, seed: int = 0,
@@ -231,15 +234,16 @@ class AttentionExplorer(W.VBox):
     def _where(self) -> str:
         return f"prompt {self.prompt}"
 
-    def _show_results(self) -> None:
+    def _show_results(self, draw: bool = True) -> None:
         """Show the ablation and attribution of the current selection, or say how to get them
-        (a result of another selection never stays on screen)."""
+        (a result of another selection never stays on screen); ``draw``: redraw the bars."""
         name = metric_name(self.metric)
         where = self._where()
         self.ablate_button.description = f"ablate L{self.layer}H{self.head} on {where}"
         self.attribute_button.description = f"attribute {where}"
         ablation = self.ablation
-        update_in_place(self.bars, ablation_bars(ablation, metric=name, where=where))
+        if draw:
+            update_in_place(self.bars, ablation_bars(ablation, metric=name, where=where))
         if ablation is not None:
             self.ablate_status.value = ablation_text(ablation, metric=name, where=where)
         elif self.subject is not None:

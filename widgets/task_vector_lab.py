@@ -117,9 +117,13 @@ class TaskVectorLab(W.VBox):
             self.topk_slider = full_label(W.IntSlider(min=0, max=n_heads, description="top k (heads in vector)",
                                                       continuous_update=False, layout=W.Layout(width="auto")))
             self.heads_label = W.HTML()
-            self.heatmap = responsive_figure(ie_heatmap(first, heads))
-            self.sweep = responsive_figure(sweep_figure())
             self.sweep_reason = W.HTML()
+            # every figure is built with what it shows first: an update sent before the front end has
+            # loaded plotly's widget code is lost there (the plot would come up as empty axes)
+            heads = [(int(l), int(h)) for l, h in heads]
+            self.sweep_result = self._sweep_for(tasks[0], heads)
+            self.heatmap = responsive_figure(ie_heatmap(first, heads))
+            self.sweep = responsive_figure(sweep_figure(self.sweep_result, note=html.escape(self._sweep_note())))
             children.append(W.VBox([
                 W.HTML("<b>Activation space</b>: function vector from selected heads (click a head to toggle it)"),
                 controls_row([self.task_select, self.topk_slider]), self.heads_label,
@@ -135,7 +139,7 @@ class TaskVectorLab(W.VBox):
             self.observe(self._new_task, names="task")
             self.observe(self._topk, names="top_k")
             self.observe(self._on_heads, names="heads")
-            self._resweep()
+            self._resweep(draw=False)
         else:
             self.export_box = export_controls(self, "task_vector_lab.html")
             children.append(self.export_box)
@@ -228,25 +232,32 @@ class TaskVectorLab(W.VBox):
     def layer_sweep(self):
         """The ``LayerSweep`` of the selected heads: computed with the subject, else a saved
         one of the same task and head set (None when there is none)."""
-        key = (self.task, tuple(self.heads))
+        return self._sweep_for(self.task, self.heads)
+
+    def _sweep_for(self, task: str, heads):
+        key = (task, tuple(heads))
         if key not in self._sweeps:
             if self.subject is not None:
                 from workbench.taskvec.accuracy import layer_sweep
 
-                self.sweep_reason.value = (f"<i>working... (layer sweep of {len(self.heads)} heads over "
-                                           f"{len(self.fv.coord('layer'))} layers)</i>")
-                self._sweeps[key] = layer_sweep(self.subject, self.fv, self.heads, n_prompts=self.n_sweep)
+                fv = self.fvs[task]
+                self.sweep_reason.value = (f"<i>working... (layer sweep of {len(heads)} heads over "
+                                           f"{len(fv.coord('layer'))} layers)</i>")
+                self._sweeps[key] = layer_sweep(self.subject, fv, list(heads), n_prompts=self.n_sweep)
             else:
-                same = [s for (t, hs), s in self._sweeps.items() if t == self.task and set(hs) == set(self.heads)]
+                same = [s for (t, hs), s in self._sweeps.items() if t == task and set(hs) == set(heads)]
                 return same[0] if same else None
         return self._sweeps[key]
 
-    def _resweep(self) -> None:
-        update_in_place(self.heatmap, ie_heatmap(self.fv, self.heads))
-        self.sweep_result = self.layer_sweep()
-        note = "" if self.sweep_result is not None else f"no saved layer sweep of these heads; {NO_SUBJECT}"
-        update_in_place(self.sweep, sweep_figure(self.sweep_result, note=html.escape(note)))
-        self.sweep_reason.value = reason_html(note or None)
+    def _sweep_note(self) -> str:
+        return "" if self.sweep_result is not None else f"no saved layer sweep of these heads; {NO_SUBJECT}"
+
+    def _resweep(self, draw: bool = True) -> None:
+        if draw:
+            update_in_place(self.heatmap, ie_heatmap(self.fv, self.heads))
+            self.sweep_result = self.layer_sweep()
+            update_in_place(self.sweep, sweep_figure(self.sweep_result, note=html.escape(self._sweep_note())))
+        self.sweep_reason.value = reason_html(self._sweep_note() or None)
         self.heads_label.value = self._heads_text()
 
     def _heads_text(self) -> str:

@@ -250,3 +250,20 @@ def test_token_text_is_escaped(explorer):
         assert all(EVIL not in str(lbl) for lbl in explorer.heatmap.data[0].x)
     finally:
         explorer.patterns = original
+
+
+def test_updates_before_the_first_draw_reach_the_opening_state(explorer):
+    # set in the cell that builds it (no view yet): the state the front end opens with is the new one
+    again = AttentionExplorer(explorer.scores, explorer.patterns)
+    assert not again.grid.drawn
+    again.kind = "induction"
+    l, h = explorer.scores.best("induction")
+    assert again.grid._widget_layout["title"]["text"] == "induction score per head"
+    assert again.heatmap._widget_layout["title"]["text"].startswith(f"L{l}H{h} attention")
+    assert again.grid._widget_data[1]["x"] == [h]
+    # once a view has drawn it (its layout report came back), updates go as updates only
+    again.grid._on_drawn()
+    before = again.grid._widget_layout["title"]["text"]
+    again.kind = "self"
+    assert again.grid._widget_layout["title"]["text"] == before
+    assert again.grid.layout.title.text == "self score per head"

@@ -181,3 +181,13 @@ def test_export_writes_the_view(lab, tmp_path):
     text = out.read_text()
     assert "merge: mean zero-shot accuracy" in text and "indirect effect per head" in text
     assert "capitalize: " in text  # the coefficients, as text
+
+
+def test_every_plot_opens_with_what_it_shows(lab):
+    # no figure is updated between its construction and its first draw: the state the front end
+    # opens with is the one shown (an update that lands before plotly's widget code loads is lost)
+    again = TaskVectorLab(lab.merge, lab.diagnostics, finetuned=lab.finetuned, fvs=lab.fvs,
+                          sweeps=[lab.sweep_result])
+    for fig in (again.bars, again.cosine, again.heatmap, again.sweep):
+        assert fig._last_trace_edit_id == 0 and fig._last_layout_edit_id == 0
+    assert again.sweep._widget_data[0]["y"] == list(lab.sweep_result["accuracy"])
