@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import Table
+from tests.ui.at_widths import click_cell, press
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MS = 300.0
@@ -83,14 +84,6 @@ ARM = """(pred) => {
     });
 }"""
 
-CELL_XY = """([root, index, x, y]) => {
-    const gd = document.querySelectorAll(root + ' .js-plotly-plot')[index];
-    gd.scrollIntoView({ block: 'center' });
-    const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
-    return [r.left + xa._offset + xa.l2p(x), r.top + ya._offset + ya.l2p(y)];
-}"""
-
-
 ARM = ARM.replace("LOST_MS", str(LOST_MS))
 
 
@@ -115,18 +108,6 @@ def timed(page, pred: str, act) -> float | None:
     act()
     ms = page.evaluate("() => window.__lat")
     return None if ms is None else float(ms)
-
-
-def click_cell(page, root: str, index: int, x: float, y: float) -> None:
-    px, py = page.evaluate(CELL_XY, [root, index, x, y])
-    page.mouse.click(px, py)
-
-
-def press(page, root: str, label: str, key: str) -> None:
-    handle = page.locator(f"{root} .widget-slider", has_text=label).locator(".noUi-handle").first
-    handle.scroll_into_view_if_needed()
-    handle.focus()
-    page.keyboard.press(key)
 
 
 def select(page, root: str, index: int, label: str) -> None:

@@ -54,6 +54,11 @@ def click_cell(page, selector: str, index: int, x: float, y: float) -> None:
             const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
             return [r.left + xa._offset + xa.l2p(x), r.top + ya._offset + ya.l2p(y)];
         }""", [selector, index, x, y])
+    # as a hand does: onto the cell, a pause, then the click. (plotly finds the point under the
+    # pointer at most every 50 ms: a click right after a move can land on the point of a moment before)
+    page.mouse.move(px - 4, py - 4)
+    page.mouse.move(px, py, steps=2)
+    page.wait_for_timeout(120)
     page.mouse.click(px, py)
 
 
