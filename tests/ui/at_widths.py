@@ -12,19 +12,21 @@ def settle(page, ms: int = 1500) -> None:
 
 
 def check_widths(page, widget: str, selector: str) -> dict[int, list[str]]:
-    """At each page width: the page's overflow problems (want: none), a full-page screenshot
-    ``<widget>-<width>.png`` and one of the widget (``selector``) alone
-    ``<widget>-<width>-widget.png``. Returns {width: problems}."""
+    """At each page width: the page's overflow problems (want: none) and screenshots of the
+    widget (``selector``) from its top (``<widget>-<width>.png``) and its end
+    (``<widget>-<width>-end.png``). Returns {width: problems}."""
     found = {}
     for width in WIDTHS:
         page.set_viewport_size({"width": width, "height": 1000})
         settle(page)
-        el = page.locator(selector).first
-        el.scroll_into_view_if_needed()
-        settle(page, 500)
         found[width] = overflow_problems(page)
-        page.screenshot(path=str(ARTIFACTS / f"{widget}-{width}.png"), full_page=True)
-        el.screenshot(path=str(ARTIFACTS / f"{widget}-{width}-widget.png"))
+        el = page.locator(selector).first
+        el.evaluate("e => e.scrollIntoView({block: 'start'})")
+        settle(page, 500)
+        page.screenshot(path=str(ARTIFACTS / f"{widget}-{width}.png"))
+        el.evaluate("e => e.scrollIntoView({block: 'end'})")
+        settle(page, 500)
+        page.screenshot(path=str(ARTIFACTS / f"{widget}-{width}-end.png"))
     return found
 
 

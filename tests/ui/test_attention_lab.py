@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.ui.at_widths import assert_clean, check_widths, click_cell, press, titles, wait_title
-from tests.ui.lab import ARTIFACTS, ROOT, browser_page, ensure_ipynb, open_and_run, require_chromium, running_lab
+from tests.ui.lab import ARTIFACTS, ROOT, browser_page, build_ipynb, open_and_run, require_chromium, running_lab
 
 pytestmark = [pytest.mark.ui]
 EX = ".wb-attention-explorer"
@@ -19,7 +19,7 @@ EX = ".wb-attention-explorer"
 
 def test_attention_explorer_fits_and_reacts_in_jupyterlab():
     require_chromium()
-    name = ensure_ipynb("01_attention_heads")
+    name = build_ipynb("01_attention_heads")
     with running_lab(ROOT / "notebooks") as (base, token), browser_page() as page:
         open_and_run(page, base, token, name, timeout_s=540)
         page.wait_for_selector(f"{EX} .js-plotly-plot", timeout=60_000)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 
 from tests.ui.at_widths import assert_clean, check_widths, press, wait_title
-from tests.ui.lab import ARTIFACTS, ROOT, browser_page, open_and_run, require_chromium, running_lab
+from tests.ui.lab import (
+    ARTIFACTS, ROOT, browser_page, build_ipynb, open_and_run, require_chromium, running_lab,
+)
 
 pytestmark = [pytest.mark.ui]
 VIEW = ".wb-attention-view"
@@ -17,10 +19,7 @@ VIEW = ".wb-attention-view"
 @pytest.fixture(scope="module", autouse=True)
 def _needs_chromium():
     require_chromium()
-    if not (ROOT / "notebooks" / "00_quickstart.ipynb").exists():
-        import jupytext
-
-        jupytext.write(jupytext.read(ROOT / "notebooks" / "00_quickstart.py"), ROOT / "notebooks" / "00_quickstart.ipynb")
+    build_ipynb("00_quickstart")
 
 
 def test_quickstart_fits_and_reacts_in_jupyterlab():

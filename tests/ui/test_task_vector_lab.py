@@ -37,14 +37,17 @@ def test_task_vector_lab_fits_and_reacts_in_jupyterlab():
                               ".map(gd => (gd.data || []).filter(t => (t.z || t.y || []).length > 0).length)")
         assert len(drawn) == 4 and all(k >= 1 for k in drawn), drawn
         assert check_widths(page, "task_vector_lab", LAB) == {1024: [], 1440: []}
-        # a coefficient slider: the bar title follows the re-merge
-        before = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot .gtitle')].map(t => t.textContent)")
+        # a coefficient slider: "working..." then the bars re-merged (new accuracies, the time it took)
+        before = page.evaluate(f"() => document.querySelector('{LAB} .js-plotly-plot').data[0].y.join()")
         press(page, LAB, "capitalize", "End")
         page.wait_for_function(
-            "(before) => { const now = [...document.querySelectorAll('.js-plotly-plot .gtitle')].map(t => t.textContent);"
-            " return now.some(t => t.includes('merge: mean zero-shot accuracy') && !before.includes(t)); }",
-            arg=before, timeout=60_000,
-        )
+            "([sel, before]) => [...document.querySelectorAll(sel + ' .widget-html-content')].some("
+            "e => e.textContent.includes('re-merged and scored in'))", arg=[LAB, before], timeout=90_000)
+        after = page.evaluate(f"() => document.querySelector('{LAB} .js-plotly-plot').data[0].y.join()")
+        readout = page.locator(f"{LAB} .widget-slider", has_text="capitalize").locator(".widget-readout").first
+        assert readout.inner_text().strip() == "1.50"
+        assert after != before or "merge: mean zero-shot accuracy" in page.evaluate(
+            f"() => document.querySelector('{LAB} .js-plotly-plot .gtitle').textContent")
         # the top-k slider: one more head in the vector, the line says so
         k = int(page.evaluate(f"() => {HEADS}").split("(")[1].split(")")[0])
         press(page, LAB, "top k", "ArrowRight")
