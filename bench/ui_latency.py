@@ -60,7 +60,7 @@ CELLS = [
     "    base.append(add_vector_accuracy(lm, b, answers, torch.zeros(lm.d_model), 0))\n"
     "merge = MergeAccuracy(dims={'task': TASKS}, data={'accuracy': (('task',), torch.tensor(base).numpy())},\n"
     "                      attrs={'method': 'task_arithmetic', 'task_vectors': TASKS, 'weights': [0.0, 0.0]})\n"
-    "sweeps = [layer_sweep(lm, fvs['capitalize'], fvs['capitalize'].top_heads(2), n=32)]\n"
+    "sweeps = [layer_sweep(lm, fvs['capitalize'], fvs['capitalize'].top_heads(2), n_prompts=32)]\n"
     "lab = TaskVectorLab(merge, fvs=fvs, sweeps=sweeps)\n"
     "lab.add_class('lat-lab')\n"
     "lab",
