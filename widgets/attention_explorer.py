@@ -28,8 +28,9 @@ import ipywidgets as W
 import traitlets
 
 from widgets.common import (
-    TokenStrip, controls_row, full_label, member, needs, reason_html, responsive_figure, update_in_place, wrap_box,
+    controls_row, full_label, member, needs, reason_html, responsive_figure, update_in_place, wrap_box,
 )
+from widgets.attention_view import AttentionStrip
 from widgets.export import export_controls
 from widgets.export import export_html as write_html
 from widgets.figures.attention import (
@@ -69,6 +70,7 @@ class AttentionExplorer(W.VBox):
             layer, head = scores.best(kind)
         # results by the selection they describe: ablations by (prompt, layer, head), attributions by prompt
         self._ablations: dict[tuple[int, int, int], object] = {}
+        self._bars_shown = None  # (the ablation drawn, where) on the bars now
         self._attributions: dict[int, object] = {}
         if ablation is not None:
             l0, h0 = ablation.attrs["heads"][0]
@@ -86,7 +88,7 @@ class AttentionExplorer(W.VBox):
         self.grid = responsive_figure(score_grid(scores, kind, (layer, head)))
         self.heatmap = responsive_figure(pattern_heatmap(patterns, prompt, layer, head))
         self.overview = responsive_figure(heads_overview(patterns, prompt, (layer, head)))
-        self.tokens = TokenStrip(layout=W.Layout(width="100%", max_width="100%"))
+        self.tokens = AttentionStrip(layout=W.Layout(width="100%", max_width="100%"))
         self.ablate_button = W.Button(description="ablate", tooltip="ablate the selected head beside random heads",
                                       layout=W.Layout(width="auto"))
         self.ablate_status = W.HTML()
@@ -242,8 +244,10 @@ class AttentionExplorer(W.VBox):
         self.ablate_button.description = f"ablate L{self.layer}H{self.head} on {where}"
         self.attribute_button.description = f"attribute {where}"
         ablation = self.ablation
-        if draw:
+        shown = (id(ablation) if ablation is not None else None, where)
+        if draw and shown != self._bars_shown:  # only when it would draw something else
             update_in_place(self.bars, ablation_bars(ablation, metric=name, where=where))
+        self._bars_shown = shown
         if ablation is not None:
             self.ablate_status.value = ablation_text(ablation, metric=name, where=where)
         elif self.subject is not None:

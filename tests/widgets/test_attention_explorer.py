@@ -267,3 +267,14 @@ def test_updates_before_the_first_draw_reach_the_opening_state(explorer):
     again.kind = "self"
     assert again.grid._widget_layout["title"]["text"] == before
     assert again.grid.layout.title.text == "self score per head"
+
+
+def test_a_head_change_without_ablations_leaves_the_bars_alone(explorer):
+    explorer.prompt = 1
+    explorer.select(0, 0)
+    edits = explorer.bars._last_trace_edit_id
+    explorer.select(0, 1)  # neither head has an ablation on prompt 1: the bars would draw the same
+    assert explorer.bars._last_trace_edit_id == edits
+    assert explorer.bars.layout.title.text.startswith("ablation effect on loss on prompt 1")
+    explorer.prompt = 0  # another prompt: another title
+    assert explorer.bars._last_trace_edit_id == edits + 1

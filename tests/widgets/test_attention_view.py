@@ -141,3 +141,20 @@ def test_escaping_through_the_widget(patterns):
     view = AttentionView(p)
     assert EVIL not in view.tokens.value
     assert all(EVIL not in str(lbl) for lbl in view.figure.data[0].x)
+
+
+def test_the_strip_carries_the_pattern_for_hover_highlighting(patterns):
+    import html as html_lib
+    import json
+    import re
+
+    from widgets.attention_view import AttentionStrip
+
+    view = AttentionView(patterns, prompt=1, layer=1, head=2)
+    assert isinstance(view.tokens, AttentionStrip) and "mouseover" in AttentionStrip._esm
+    raw = re.search(r'data-pattern="([^"]*)"', view.tokens.value).group(1)
+    rows = json.loads(html_lib.unescape(raw))
+    want = masked_pattern(patterns, 1, 1, 2)[:7, :7]
+    assert len(rows) == 7 and all(len(r) == 7 for r in rows)
+    assert rows[0][1] is None and rows[6][0] == pytest.approx(float(want[6, 0]), abs=5e-4)
+    assert np.allclose(np.array(rows, dtype=float), want, atol=5e-4, equal_nan=True)

@@ -4,6 +4,7 @@ HTML (an ``AttentionPatterns``, a ``HeadScores``, a ``HeadAblation``, a ``TokenA
 from __future__ import annotations
 
 import html
+import json
 
 import numpy as np
 import plotly.graph_objects as go
@@ -107,8 +108,15 @@ def overview_head(patterns, prompt: int, x: float, y: float) -> tuple[int, int] 
 
 
 def attention_tokens_html(patterns, prompt: int, layer: int, head: int, query: int) -> str:
-    """The prompt's tokens shaded by the attention of ``query`` (outlined) under one head."""
-    return tokens_html(patterns.tokens(prompt), patterns.pattern(prompt, layer, head)[query], focus=query)
+    """The prompt's tokens shaded by the attention of ``query`` (outlined) under one head.
+    The strip carries the head's whole pattern (``data-pattern``: JSON rows per query,
+    null where masked), so a front end can shade by any token's attention on hover."""
+    n = int(patterns["lengths"][prompt])
+    rows = masked_pattern(patterns, prompt, layer, head)[:n, :n]
+    pattern = json.dumps([[None if np.isnan(a) else round(float(a), 3) for a in row] for row in rows],
+                         separators=(",", ":"))
+    return tokens_html(patterns.tokens(prompt), patterns.pattern(prompt, layer, head)[query], focus=query,
+                       data={"pattern": pattern})
 
 
 def score_grid(scores, kind: str, selected: tuple[int, int] | None = None) -> go.Figure:
