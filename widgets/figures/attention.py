@@ -14,6 +14,7 @@ from widgets.figures.tokens import position_labels, tokens_html
 PATTERN_SCALE = "Blues"
 MARGIN = dict(l=10, r=10, t=40, b=10)
 MASKED = "#d9d9d9"  # the background that shows through masked (never attendable) cells
+DECIMALS = 4  # attention drawn to 1e-4 (hover shows 3 decimals): a third of the bytes of full floats per redraw
 
 
 def is_causal(patterns) -> bool:
@@ -38,7 +39,7 @@ def masked_pattern(patterns, prompt: int, layer: int, head: int) -> np.ndarray:
 def pattern_heatmap(patterns, prompt: int = 0, layer: int = 0, head: int = 0) -> go.Figure:
     """One head's attention pattern on one prompt: queries down, keys across; in a causal
     model the keys a query cannot see are grey (not zero)."""
-    pat = masked_pattern(patterns, prompt, layer, head)
+    pat = np.round(masked_pattern(patterns, prompt, layer, head), DECIMALS)
     labels = position_labels(patterns.tokens(prompt))
     fig = go.Figure(
         go.Heatmap(
@@ -67,7 +68,8 @@ def heads_overview(patterns, prompt: int = 0, selected: tuple[int, int] | None =
     z = np.full((len(layers) * t - 1, len(heads) * t - 1), np.nan)
     for i, layer in enumerate(layers):
         for j, head in enumerate(heads):
-            z[i * t:i * t + n, j * t:j * t + n] = masked_pattern(patterns, prompt, layer, head)[:n, :n]
+            z[i * t:i * t + n, j * t:j * t + n] = np.round(masked_pattern(patterns, prompt, layer, head)[:n, :n],
+                                                           DECIMALS)
     shapes = overview_outline(patterns, prompt, selected)
     fig = go.Figure(go.Heatmap(z=z, zmin=0.0, zmax=1.0, colorscale=PATTERN_SCALE, hoverongaps=False,
                                hovertemplate="attention %{z:.3f}<extra></extra>"))
