@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
 
-BENCHMARKS = ["trace_overhead", "head_scores", "task_gradients", "aggregators", "merge", "circuits", "tutorials", "scale"]
+BENCHMARKS = ["trace_overhead", "head_scores", "task_gradients", "aggregators", "merge", "circuits", "tutorials", "scale",
+              "ui_latency"]
 
 
 def main(names: list[str]) -> None:

@@ -47,7 +47,7 @@ rep = repeated_sequences(lm.tokenizer, 128, 20, seed=1)
 rep_ids = torch.tensor(rep["input_ids"])
 scores = head_scores(lm, {"input_ids": rep_ids}, n_boot=1000)
 frame = scores.to_frame()
-frame.sort_values("score", ascending=False).groupby("kind").head(2)
+frame.sort_values("score", ascending=False).groupby("kind").head(2).style.format(precision=2).hide(axis="index")
 
 # %%
 prev_head, ind_head = scores.best("previous_token"), scores.best("induction")
@@ -195,8 +195,9 @@ HTML(f"prediction <b>{ig.attrs['target']}</b>" + tokens_html(ig.attrs["tokens"],
 # %% [markdown]
 # ## 7. The explorer
 #
-# Click a cell of the score grid to see that head's pattern; pick a query row; "ablate"
-# measures the loss change beside random heads.
+# Click a cell of the score grid (or a thumbnail of the all-heads overview below it) to see
+# that head's pattern; pick a query row; "ablate" measures the loss change on the selected
+# prompt beside random heads. Choosing a score kind moves the selection to its top head.
 
 # %%
 explore_prompts = [lm.tokenizer.decode(ids[1:]) for ids in rep["input_ids"][:3]] + [

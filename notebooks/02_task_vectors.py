@@ -73,7 +73,7 @@ cosine_heatmap(diag).show()
 off = diag["cosine"][~np.eye(len(TASKS), dtype=bool)]
 pair_conflict = diag["sign_conflict"][~np.eye(len(TASKS), dtype=bool)]
 print(f"mean off-diagonal cosine {off.mean():.3f}; mean pairwise sign conflict {pair_conflict.mean():.3f}")
-print("top-20% mass per task:", dict(zip(TASKS, diag["topk_mass"][:, 1].round(2))))
+print("top-20% mass per task:", {t: round(float(v), 2) for t, v in zip(TASKS, diag["topk_mass"][:, 1])})
 
 # %% [markdown]
 # ## Merging all eight
@@ -167,11 +167,11 @@ print(f"capitalize with learned head weights: {learned_acc:.2f}; weights\n{learn
 # %%
 icl_replace = icl_task_vectors(tasklm, FV_TASKS, n_demos=5, n_prompts=32, mode="replace")
 icl_add = icl_task_vectors(tasklm, FV_TASKS, n_demos=5, n_prompts=32, mode="add")
-print("replace:", dict(zip(FV_TASKS, icl_replace["accuracy"].max(1).round(2))))
-print("add:    ", dict(zip(FV_TASKS, icl_add["accuracy"].max(1).round(2))))
+print("replace:", {t: round(float(v), 2) for t, v in zip(FV_TASKS, icl_replace["accuracy"].max(1))})
+print("add:    ", {t: round(float(v), 2) for t, v in zip(FV_TASKS, icl_add["accuracy"].max(1))})
 cos = fv_cosines(fvs, top_k=2, icl=icl_add, layer=1)
 print("function-vector cosines\n", np.round(cos["fv_cosine"], 2))
-print("function vector vs in-context task vector:", dict(zip(FV_TASKS, cos["fv_vs_icl"].round(2))))
+print("function vector vs in-context task vector:", {t: round(float(v), 2) for t, v in zip(FV_TASKS, cos["fv_vs_icl"])})
 wcos = diag["cosine"][np.ix_([TASKS.index(t) for t in FV_TASKS], [TASKS.index(t) for t in FV_TASKS])]
 iu = np.triu_indices(len(FV_TASKS), 1)
 rank_corr = float(np.corrcoef(np.argsort(np.argsort(wcos[iu])), np.argsort(np.argsort(cos["fv_cosine"][iu])))[0, 1])
@@ -218,4 +218,4 @@ for v in (-0.5, -0.25, 0.0, 0.25, 0.5):
     lab.sliders["antonym"].value = v
     move_s.append(lab.last_update_s)
 print(f"slider move: median {np.median(move_s) * 1000:.0f} ms, each {[round(x * 1000) for x in move_s]}")
-print("all task-vector checks passed", {t: round(g, 2) for t, g in gains.items()})
+print("all task-vector checks passed", {t: round(float(g), 2) for t, g in gains.items()})

@@ -7,8 +7,8 @@ from widgets.circuit_explorer import CircuitExplorer, FeatureDashboard
 from widgets.common import TokenStrip
 from widgets.conflict_monitor import ConflictMonitor
 from widgets.figures import (
-    ablation_bars, activation_histogram, circuit_figure, contexts_html, cosine_heatmap, ie_heatmap, logit_effect_bars,
-    merge_bars, metric_bars, pattern_heatmap, score_grid, sweep_figure, tokens_html,
+    ablation_bars, activation_histogram, circuit_figure, contexts_html, cosine_heatmap, heads_overview, ie_heatmap,
+    logit_effect_bars, merge_bars, metric_bars, pattern_heatmap, score_grid, sweep_figure, tokens_html,
 )
 from widgets.figures.atlas import (
     agreement_heatmap, atlas_blocks, atlas_matrices, atlas_scatter, grouping_html, pair_details_html,
@@ -21,6 +21,6 @@ __all__ = [
     "pair_details_html",
     "AttentionExplorer", "AttentionView", "CircuitExplorer", "ConflictMonitor", "FeatureDashboard", "TaskVectorLab",
     "TokenStrip", "ablation_bars", "activation_histogram", "circuit_figure", "contexts_html", "cosine_heatmap",
-    "ie_heatmap", "logit_effect_bars", "merge_bars", "metric_bars", "pattern_heatmap", "score_grid", "sweep_figure",
-    "tokens_html",
+    "heads_overview", "ie_heatmap", "logit_effect_bars", "merge_bars", "metric_bars", "pattern_heatmap", "score_grid",
+    "sweep_figure", "tokens_html",
 ]

@@ -4,17 +4,66 @@ A view of an ``AttentionPatterns`` result (saved or fresh). The selection is hel
 traits (``prompt``, ``layer``, ``head``, ``query``) that the selectors, clicks and other
 widgets can set or observe (``ipywidgets.link``). The heatmap is a plotly
 ``FigureWidget`` updated in place; clicking a row (or a token of the strip below) picks
-that query, whose attention over the prompt shades the tokens.
+that query, whose attention over the prompt shades the tokens (hover a token to shade
+them by its attention instead; they wrap onto further lines on long prompts). In a causal
+model the keys a query cannot see are grey, not zero. :meth:`AttentionView.export_html` writes the
+view as one standalone HTML file.
 """
 
 from __future__ import annotations
 
 import ipywidgets as W
-import plotly.graph_objects as go
 import traitlets
 
-from widgets.common import TokenStrip, member, update_in_place
+from widgets.common import (
+    TokenStrip, controls_row, full_label, member, responsive_figure, update_in_place, wrap_box,
+)
+from widgets.export import export_controls
+from widgets.export import export_html as write_html
 from widgets.figures.attention import attention_tokens_html, pattern_heatmap
+
+
+class AttentionStrip(TokenStrip):
+    """A :class:`~widgets.common.TokenStrip` of one head's attention: clicking a token picks
+    it as the query (``selected``); hovering a token shades every token by that token's
+    attention (as bertviz / CircuitsVis do; keys it cannot see are grey), and leaving the
+    strip shows the selected query's again. Its ``value`` comes from
+    :func:`widgets.figures.attention.attention_tokens_html` (which carries the pattern)."""
+
+    _esm = """
+    function render({ model, el }) {
+      let rows = null, rowsFor = null;
+      const draw = () => { el.innerHTML = model.get("value"); rows = null; rowsFor = null; };
+      draw();
+      model.on("change:value", draw);
+      el.addEventListener("click", (event) => {
+        const token = event.target.closest(".wb-token");
+        if (!token || !el.contains(token)) return;
+        model.set("selected", Number(token.dataset.pos));
+        model.save_changes();
+      });
+      el.addEventListener("mouseover", (event) => {
+        const token = event.target.closest(".wb-token");
+        const strip = el.querySelector(".wb-tokens");
+        if (!token || !strip || !el.contains(token)) return;
+        if (rowsFor !== strip) {
+          rowsFor = strip;
+          try { rows = JSON.parse(strip.dataset.pattern || "null"); } catch (e) { rows = null; }
+        }
+        const q = Number(token.dataset.pos);
+        if (!rows || !rows[q]) return;
+        for (const t of el.querySelectorAll(".wb-token")) {
+          const k = Number(t.dataset.pos), a = rows[q][k];
+          t.style.background = (a === null || a === undefined) ? "#d9d9d9" : `rgba(31,119,180,${a})`;
+          t.style.outline = k === q ? "2px dashed #d62728" : "";
+          t.title = `${q} -> ${k}: ${a === null || a === undefined ? "masked" : a}`;
+        }
+        el.dataset.hover = String(q);
+      });
+      el.addEventListener("mouseleave", () => { if (el.dataset.hover !== undefined) { delete el.dataset.hover; draw(); } });
+    }
+    export default { render };
+    """
 
 
 class AttentionView(W.VBox):
@@ -32,20 +81,24 @@ class AttentionView(W.VBox):
         layer = layers[0] if layer is None else layer
         head = heads[0] if head is None else head
         texts = patterns.attrs.get("prompts") or [str(i) for i in patterns.coord("prompt")]
-        self.prompt_select = W.Dropdown(options=[(f"{i}: {str(p)[:60]}", i) for i, p in enumerate(texts)],
-                                        description="prompt")
-        self.layer_select = W.Dropdown(options=layers, description="layer")
-        self.head_select = W.Dropdown(options=heads, description="head")
-        self.query_slider = W.IntSlider(min=0, max=self._length(prompt) - 1, description="query")
-        self.figure = go.FigureWidget(pattern_heatmap(patterns, prompt, layer, head))
-        self.tokens = TokenStrip()
-        super().__init__([W.HBox([self.prompt_select, self.layer_select, self.head_select]), self.figure,
-                          self.query_slider, self.tokens],
+        self.prompt_select = full_label(W.Dropdown(
+            options=[(f"{i}: {str(p)[:80]}", i) for i, p in enumerate(texts)], description="prompt",
+            layout=W.Layout(width="auto", max_width="100%")))
+        self.layer_select = full_label(W.Dropdown(options=layers, description="layer", layout=W.Layout(width="auto")))
+        self.head_select = full_label(W.Dropdown(options=heads, description="head", layout=W.Layout(width="auto")))
+        self.query_slider = full_label(W.IntSlider(min=0, max=self._length(prompt) - 1, description="query position",
+                                                   layout=W.Layout(width="auto", min_width="320px")))
+        self.figure = responsive_figure(pattern_heatmap(patterns, prompt, layer, head))
+        self.tokens = AttentionStrip(layout=W.Layout(width="100%", max_width="100%"))
+        self.export_box = export_controls(self, "attention_view.html")
+        super().__init__([controls_row([self.prompt_select, self.layer_select, self.head_select]),
+                          wrap_box([self.figure]), self.query_slider, self.tokens, self.export_box],
                          prompt=prompt, layer=layer, head=head,
-                         query=self._length(prompt) - 1 if query is None else query)
+                         query=self._length(prompt) - 1 if query is None else query, layout=W.Layout(width="100%"))
         for name, control in (("prompt", self.prompt_select), ("layer", self.layer_select),
                               ("head", self.head_select), ("query", self.query_slider)):
             W.link((self, name), (control, "value"))
+        self.add_class("wb-attention-view")  # a stable handle for page tests and styles
         W.link((self, "query"), (self.tokens, "selected"))
         self.figure.data[0].on_click(self._on_click)
         self.observe(self._redraw, names=["prompt", "layer", "head"])
@@ -100,3 +153,8 @@ class AttentionView(W.VBox):
     def _on_click(self, trace, points, state) -> None:
         if points.ys:
             self.query = int(str(points.ys[0]).split(":", 1)[0])
+
+    def export_html(self, path):
+        """Write the current view (the pattern with plotly.js inlined, tokens inline, the
+        selection as text) to one standalone HTML file."""
+        return write_html(self, path, title="AttentionView")

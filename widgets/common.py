@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+from copy import deepcopy
 from typing import Iterable
 
 import anywidget
@@ -72,13 +73,23 @@ class FullStateFigureWidget(go.FigureWidget):
 
     def __init__(self, *args, config: dict | None = None, **kwargs) -> None:
         self._hold_open = True
+        self._drawn = False
         try:
             super().__init__(*args, **kwargs)
             if config:
                 self._config = {**self._config, **config}
         finally:
             self._hold_open = False
+        self.observe(self._on_drawn, names=["_js2py_layoutDelta", "_js2py_traceDeltas"])
         self.open()
+
+    def _on_drawn(self, _change=None) -> None:
+        self._drawn = True
+
+    @property
+    def drawn(self) -> bool:
+        """Whether a view has drawn it (plotly's view reports its layout after its first draw)."""
+        return self._drawn
 
     def open(self) -> None:
         if getattr(self, "_hold_open", False):
@@ -185,6 +196,12 @@ def update_in_place(widget: go.FigureWidget, figure: go.Figure) -> None:
                 old[k] = v
         layout = {k: json_safe(v) for k, v in figure.layout.to_plotly_json().items() if k != "template"}
         widget.layout.update(layout)
+    if getattr(widget, "drawn", True) is False:
+        # not drawn yet (e.g. updated in the cell that builds it, inside a box): the front end may
+        # not listen for updates until plotly's widget code has loaded, and would draw the state
+        # it was opened with (empty axes, an old title), so the full state follows the update
+        widget._widget_data = deepcopy(widget._data)
+        widget._widget_layout = deepcopy(widget._layout_obj._props)
 
 
 def trace_data(figure) -> list[dict]:

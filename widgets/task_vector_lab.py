@@ -15,25 +15,33 @@ The cosine heatmap of the task vectors sits beside.
 
 Activation side: for the chosen task, the heads' indirect-effect heatmap (click a head to
 add it to or remove it from the function vector; selected heads are marked), a top-k
-slider that selects the k strongest heads, and the layer sweep
+slider that always shows how many heads the vector holds (moving it replaces them with
+the k strongest; a line under it says whether the vector is the top k or a clicked
+selection), and the layer sweep
 (:func:`~workbench.taskvec.accuracy.layer_sweep`): zero-shot accuracy with the vector
 added at each layer, against the unpatched baseline. Without a model the sweep of a head
 set is shown when a saved one matches it.
 
-The selection is held in traits (``task``, ``heads``, ``top_k``, ``method``).
+The selection is held in traits (``task``, ``heads``, ``top_k``, ``method``). Figures are
+responsive (they fit the notebook's width and wrap below each other when narrow);
+:meth:`TaskVectorLab.export_html` writes the view as one standalone HTML file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
 import time
 from typing import Mapping, Sequence
 
 import ipywidgets as W
-import plotly.graph_objects as go
 import traitlets
 
-from widgets.common import member, needs, reason_html, update_in_place
+from widgets.common import (
+    controls_row, full_label, member, reason_html, responsive_figure, update_in_place, wrap_box,
+)
+from widgets.export import export_controls
+from widgets.export import export_html as write_html
 from widgets.figures.taskvec import cosine_heatmap, ie_heatmap, merge_bars, sweep_figure
 from workbench.taskvec import METHODS
 
@@ -51,7 +59,8 @@ class TaskVectorLab(W.VBox):
 
     task = traitlets.Unicode(help="the task of the function vector shown")
     heads = traitlets.List(help="the (layer, head) pairs in the function vector")
-    top_k = traitlets.Int(2, help="the top-k slider: setting it selects the k heads of largest indirect effect")
+    top_k = traitlets.Int(2, help="how many heads the vector holds; setting it selects the k heads of largest "
+                                  "indirect effect (clicking heads moves it to their count)")
     method = traitlets.Unicode(help="the merge method")
 
     def __init__(self, merge, diagnostics=None, *, finetuned=None, fvs: Mapping[str, object] | None = None,
@@ -61,11 +70,13 @@ class TaskVectorLab(W.VBox):
         self.fvs = dict(fvs or {})
         self.n_sweep = n_sweep
         self.last_update_s = 0.0
+        self._syncing = False
         a = merge.attrs
         names = a.get("task_vectors", [])
         weights = a.get("weights", [0.0] * len(names))
-        self.sliders = {n: W.FloatSlider(value=w, min=-1.5, max=1.5, step=0.05, description=n[:14],
-                                         continuous_update=False) for n, w in zip(names, weights)}
+        self.sliders = {n: full_label(W.FloatSlider(value=w, min=-1.5, max=1.5, step=0.05, description=n,
+                                                    continuous_update=False, layout=W.Layout(width="auto")))
+                        for n, w in zip(names, weights)}
         method = a.get("method", "task_arithmetic")
         self.method_select = W.Dropdown(options=list(METHODS), description="method")
         self.lam = W.FloatSlider(value=a.get("lam", 1.0), min=0.0, max=2.0, step=0.05, description="lam",
@@ -76,18 +87,21 @@ class TaskVectorLab(W.VBox):
                                description="DARE p", continuous_update=False)
         self.seed = W.IntText(value=a.get("seed", 0), description="seed")
         self.status = W.HTML()
-        self.bars = go.FigureWidget(merge_bars(merge, finetuned))
+        for w in (self.method_select, self.lam, self.density, self.p, self.seed):
+            full_label(w)
+        self.bars = responsive_figure(merge_bars(merge, finetuned))
         plots = [self.bars]
         if diagnostics is not None:
-            self.cosine = go.FigureWidget(cosine_heatmap(diagnostics))
+            self.cosine = responsive_figure(cosine_heatmap(diagnostics))
             plots.append(self.cosine)
         self.weight_reason = W.HTML(reason_html(None if evaluator is not None else NO_EVALUATOR))
         weight_side = W.VBox([
             W.HTML("<b>Weight space</b>: coefficients per task vector"),
-            W.HBox([W.VBox(list(self.sliders.values())),
-                    W.VBox([self.method_select, self.lam, self.density, self.p, self.seed, self.status])]),
-            self.weight_reason, W.HBox(plots),
-        ])
+            wrap_box([W.VBox(list(self.sliders.values())),
+                      W.VBox([self.method_select, self.lam, self.density, self.p, self.seed, self.status])],
+                     min_width=320),
+            self.weight_reason, wrap_box(plots),
+        ], layout=W.Layout(width="100%"))
         children = [weight_side]
         self._sweeps: dict[tuple, object] = {}
         for s in sweeps:
@@ -99,27 +113,38 @@ class TaskVectorLab(W.VBox):
             n_heads = len(first.coord("layer")) * len(first.coord("head"))
             saved = [s for s in sweeps if s.task == tasks[0]]
             heads = saved[0].heads if saved and self.subject is None else first.top_heads(top_k)
-            self.task_select = W.Dropdown(options=tasks, description="task")
-            self.topk_slider = W.IntSlider(min=0, max=n_heads, description="top k", continuous_update=False)
+            self.task_select = full_label(W.Dropdown(options=tasks, description="task", layout=W.Layout(width="auto")))
+            self.topk_slider = full_label(W.IntSlider(min=0, max=n_heads, description="top k (heads in vector)",
+                                                      continuous_update=False, layout=W.Layout(width="auto")))
             self.heads_label = W.HTML()
-            self.heatmap = go.FigureWidget(ie_heatmap(first, heads))
-            self.sweep = go.FigureWidget(sweep_figure())
             self.sweep_reason = W.HTML()
+            # every figure is built with what it shows first: an update sent before the front end has
+            # loaded plotly's widget code is lost there (the plot would come up as empty axes)
+            heads = [(int(l), int(h)) for l, h in heads]
+            self.sweep_result = self._sweep_for(tasks[0], heads)
+            self.heatmap = responsive_figure(ie_heatmap(first, heads))
+            self.sweep = responsive_figure(sweep_figure(self.sweep_result, note=html.escape(self._sweep_note())))
             children.append(W.VBox([
                 W.HTML("<b>Activation space</b>: function vector from selected heads (click a head to toggle it)"),
-                W.HBox([self.task_select, self.topk_slider]), self.heads_label, W.HBox([self.heatmap, self.sweep]),
-                self.sweep_reason,
-            ]))
-            super().__init__(children, method=method, task=tasks[0], top_k=min(top_k, n_heads), heads=heads)
+                controls_row([self.task_select, self.topk_slider]), self.heads_label,
+                wrap_box([self.heatmap, self.sweep]), self.sweep_reason,
+            ], layout=W.Layout(width="100%")))
+            self.export_box = export_controls(self, "task_vector_lab.html")
+            children.append(self.export_box)
+            super().__init__(children, method=method, task=tasks[0], top_k=len(heads), heads=heads,
+                             layout=W.Layout(width="100%"))
             W.link((self, "task"), (self.task_select, "value"))
             W.link((self, "top_k"), (self.topk_slider, "value"))
             self.heatmap.data[0].on_click(self._on_head_click)
             self.observe(self._new_task, names="task")
             self.observe(self._topk, names="top_k")
-            self.observe(lambda _c: self._resweep(), names="heads")
-            self._resweep()
+            self.observe(self._on_heads, names="heads")
+            self._resweep(draw=False)
         else:
-            super().__init__(children, method=method)
+            self.export_box = export_controls(self, "task_vector_lab.html")
+            children.append(self.export_box)
+            super().__init__(children, method=method, layout=W.Layout(width="100%"))
+        self.add_class("wb-task-vector-lab")  # a stable handle for page tests and styles
         W.link((self, "method"), (self.method_select, "value"))
         self._enable_params()
         if evaluator is None:
@@ -189,6 +214,7 @@ class TaskVectorLab(W.VBox):
 
         start = time.perf_counter()
         self._enable_params()
+        self.status.value = "<i>working... (re-merging and scoring every task)</i>"
         dare = self.method in ("dare", "dare_ties")
         self.merge = merge_accuracy(self.ev, self.method, self.coefficients(), lam=self.lam.value,
                                     density=self.density.value if self.method == "ties" else 1.0,
@@ -206,24 +232,45 @@ class TaskVectorLab(W.VBox):
     def layer_sweep(self):
         """The ``LayerSweep`` of the selected heads: computed with the subject, else a saved
         one of the same task and head set (None when there is none)."""
-        key = (self.task, tuple(self.heads))
+        return self._sweep_for(self.task, self.heads)
+
+    def _sweep_for(self, task: str, heads):
+        key = (task, tuple(heads))
         if key not in self._sweeps:
             if self.subject is not None:
                 from workbench.taskvec.accuracy import layer_sweep
 
-                self._sweeps[key] = layer_sweep(self.subject, self.fv, self.heads, n_prompts=self.n_sweep)
+                fv = self.fvs[task]
+                self.sweep_reason.value = (f"<i>working... (layer sweep of {len(heads)} heads over "
+                                           f"{len(fv.coord('layer'))} layers)</i>")
+                self._sweeps[key] = layer_sweep(self.subject, fv, list(heads), n_prompts=self.n_sweep)
             else:
-                same = [s for (t, hs), s in self._sweeps.items() if t == self.task and set(hs) == set(self.heads)]
+                same = [s for (t, hs), s in self._sweeps.items() if t == task and set(hs) == set(heads)]
                 return same[0] if same else None
         return self._sweeps[key]
 
-    def _resweep(self) -> None:
-        update_in_place(self.heatmap, ie_heatmap(self.fv, self.heads))
-        self.sweep_result = self.layer_sweep()
-        note = "" if self.sweep_result is not None else f"no saved layer sweep of these heads; {NO_SUBJECT}"
-        update_in_place(self.sweep, sweep_figure(self.sweep_result, note=html.escape(note)))
-        self.sweep_reason.value = reason_html(note or None)
-        self.heads_label.value = "heads in vector: " + (", ".join(f"L{l}H{h}" for l, h in self.heads) or "none")
+    def _sweep_note(self) -> str:
+        return "" if self.sweep_result is not None else f"no saved layer sweep of these heads; {NO_SUBJECT}"
+
+    def _resweep(self, draw: bool = True) -> None:
+        if draw:
+            update_in_place(self.heatmap, ie_heatmap(self.fv, self.heads))
+            self.sweep_result = self.layer_sweep()
+            update_in_place(self.sweep, sweep_figure(self.sweep_result, note=html.escape(self._sweep_note())))
+        self.sweep_reason.value = reason_html(self._sweep_note() or None)
+        self.heads_label.value = self._heads_text()
+
+    def _heads_text(self) -> str:
+        """Which heads the vector holds, and whether they are the top k or a clicked set."""
+        k = len(self.heads)
+        names = ", ".join(f"L{l}H{h}" for l, h in self.heads) or "none"
+        if k == 0:
+            how = "no heads: the vector is zero"
+        elif set(self.heads) == set(self.fv.top_heads(k)):
+            how = f"the top {k} by indirect effect"
+        else:
+            how = (f"chosen by clicking, not the top {k}; moving <i>top k</i> replaces them with the k strongest")
+        return f"heads in vector ({k}): {names} <small>({how})</small>"
 
     def toggle_head(self, layer: int, head: int) -> None:
         key = (int(layer), int(head))
@@ -233,11 +280,31 @@ class TaskVectorLab(W.VBox):
         if points.xs:
             self.toggle_head(points.ys[0], points.xs[0])
 
+    @contextlib.contextmanager
+    def _quiet_topk(self):
+        self._syncing = True
+        try:
+            yield
+        finally:
+            self._syncing = False
+
+    def _on_heads(self, _change=None) -> None:
+        with self._quiet_topk():  # the slider shows how many heads the vector holds
+            self.top_k = len(self.heads)
+        self._resweep()
+
     def _topk(self, _change=None) -> None:
-        heads = list(self.fv.top_heads(self.top_k))
+        if self._syncing:
+            return
+        heads = [(int(l), int(h)) for l, h in self.fv.top_heads(self.top_k)]
         if heads == self.heads:
             self._resweep()
         self.heads = heads
 
     def _new_task(self, _change=None) -> None:
         self._topk()
+
+    def export_html(self, path):
+        """Write the current view (figures with plotly.js inlined, the selection and the
+        coefficients as text) to one standalone HTML file."""
+        return write_html(self, path, title="TaskVectorLab")

@@ -10,10 +10,16 @@ import pytest
 
 from tests.widgets.compare import assert_same_figure
 from widgets import AttentionView, pattern_heatmap, tokens_html
+from widgets.figures.attention import masked_pattern
 from workbench.attention import attention_patterns
 from workbench.results import Result
 
 EVIL = "<img src=x onerror=alert(1)>"
+
+
+def shown(z) -> np.ndarray:
+    """A heatmap's z as floats (the front end's None gaps as NaN)."""
+    return np.asarray(z, dtype=float)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +39,7 @@ def test_patterns_result(patterns, tasklm):
 
 def test_figure_builder_is_pure(patterns):
     fig = pattern_heatmap(patterns, prompt=0, layer=1, head=2)
-    assert np.array_equal(np.asarray(fig.data[0].z), patterns.pattern(0, 1, 2))
+    assert np.allclose(shown(fig.data[0].z), masked_pattern(patterns, 0, 1, 2), atol=6e-5, equal_nan=True)
     assert fig.layout.title.text == "L1H2 attention, prompt 0"
 
 
@@ -45,7 +51,7 @@ def test_selectors_update_the_traits_and_the_figure_in_place(patterns):
     view.head_select.value = 3
     assert (view.layer, view.head) == (1, 3)
     assert id(view.figure) == fig_id and view.figure.data[0] is heat
-    assert np.array_equal(np.asarray(view.figure.data[0].z), patterns.pattern(0, 1, 3))
+    assert np.allclose(shown(view.figure.data[0].z), masked_pattern(patterns, 0, 1, 3), atol=6e-5, equal_nan=True)
     assert view.figure.layout.title.text == "L1H3 attention, prompt 0"
     view.prompt_select.value = 1
     assert view.prompt == 1
@@ -61,7 +67,8 @@ def test_traits_set_the_selectors_and_link_views(patterns):
     link = W.link((a, "head"), (b, "head"))
     assert b.head == 2
     b.head_select.value = 1  # a click on b's selector moves a
-    assert a.head == 1 and np.array_equal(np.asarray(a.figure.data[0].z), patterns.pattern(0, 0, 1))
+    assert a.head == 1
+    assert np.allclose(shown(a.figure.data[0].z), masked_pattern(patterns, 0, 0, 1), atol=6e-5, equal_nan=True)
     link.unlink()
     seen = []
     a.observe(lambda c: seen.append(c["new"]), names="query")
@@ -102,6 +109,31 @@ def test_token_text_is_escaped():
     assert EVIL not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
 
 
+def test_tokens_wrap_between_tokens():
+    # each token an inline block: a long prompt breaks onto further lines between tokens
+    html = tokens_html(["a"] * 41, np.zeros(41), focus=40)
+    assert html.count("display:inline-block") == 41 and "white-space:normal" in html.split(">")[0]
+
+
+def test_causal_mask_is_grey_and_a_bidirectional_pattern_is_not_masked(patterns):
+    fig = pattern_heatmap(patterns, prompt=0, layer=0, head=0)
+    z = shown(fig.data[0].z)
+    assert np.isnan(z[0, 1:]).all() and fig.layout.plot_bgcolor == "#d9d9d9"
+    import copy
+
+    bidir = copy.deepcopy(patterns)
+    bidir.attrs["causal"] = False
+    assert not np.isnan(masked_pattern(bidir, 0, 0, 0)).any()
+
+
+def test_export_writes_the_view(patterns, tmp_path):
+    view = AttentionView(patterns, layer=1, head=2)
+    out = view.export_html(tmp_path / "view.html")
+    text = out.read_text()
+    assert "L1H2 attention, prompt 0" in text and text.count('class="wb-token"') == int(patterns["lengths"][0])
+    assert "layer: 1" in text and "head: 2" in text
+
+
 def test_escaping_through_the_widget(patterns):
     import copy
 
@@ -110,3 +142,20 @@ def test_escaping_through_the_widget(patterns):
     view = AttentionView(p)
     assert EVIL not in view.tokens.value
     assert all(EVIL not in str(lbl) for lbl in view.figure.data[0].x)
+
+
+def test_the_strip_carries_the_pattern_for_hover_highlighting(patterns):
+    import html as html_lib
+    import json
+    import re
+
+    from widgets.attention_view import AttentionStrip
+
+    view = AttentionView(patterns, prompt=1, layer=1, head=2)
+    assert isinstance(view.tokens, AttentionStrip) and "mouseover" in AttentionStrip._esm
+    raw = re.search(r'data-pattern="([^"]*)"', view.tokens.value).group(1)
+    rows = json.loads(html_lib.unescape(raw))
+    want = masked_pattern(patterns, 1, 1, 2)[:7, :7]
+    assert len(rows) == 7 and all(len(r) == 7 for r in rows)
+    assert rows[0][1] is None and rows[6][0] == pytest.approx(float(want[6, 0]), abs=5e-4)
+    assert np.allclose(np.array(rows, dtype=float), want, atol=5e-4, equal_nan=True)

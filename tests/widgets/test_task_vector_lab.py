@@ -74,8 +74,17 @@ def test_head_click_toggles_and_topk_selects(lab, tasklm):
     assert list(lab.sweep.data[0].y) == want
     assert lab.sweep_result.heads == lab.heads and list(lab.sweep_result["accuracy"]) == want
     assert "L1H3" in lab.heads_label.value or had
+    # the slider shows how many heads the vector holds, and the line says they were clicked
+    assert lab.top_k == len(lab.heads) == lab.topk_slider.value == (3 if not had else 1)
+    assert f"heads in vector ({len(lab.heads)})" in lab.heads_label.value
+    assert "chosen by clicking" in lab.heads_label.value or set(lab.heads) == set(fv.top_heads(len(lab.heads)))
+    lab._on_head_click(heat, Points(), None)  # toggled back: the top 2 again
+    assert lab.heads == fv.top_heads(2) and lab.topk_slider.value == 2
+    assert "the top 2 by indirect effect" in lab.heads_label.value
+    lab.topk_slider.value = 3  # moving the slider replaces the set with the k strongest
+    assert lab.heads == fv.top_heads(3) and "the top 3" in lab.heads_label.value
     lab.topk_slider.value = 0
-    assert lab.top_k == 0 and lab.heads == [] and lab.heads_label.value.endswith("none")
+    assert lab.top_k == 0 and lab.heads == [] and "none" in lab.heads_label.value
     base = add_vector_accuracy(tasklm, b, answers, torch.zeros(tasklm.d_model), 0)
     assert list(lab.sweep.data[0].y) == [base] * tasklm.n_layers
     assert float(lab.sweep_result["zero_shot"]) == base
@@ -85,8 +94,12 @@ def test_heads_trait_links_both_ways(lab):
     lab.task = "capitalize"
     mirror = W.Text()
     link = W.dlink((lab, "heads"), (mirror, "value"), transform=lambda hs: ",".join(f"L{l}H{h}" for l, h in hs))
+    sweep_notes = []
+    lab.sweep_reason.observe(lambda c: sweep_notes.append(c["new"]), names="value")
     try:
         lab.heads = [(0, 1), (1, 2)]
+        assert sweep_notes and sweep_notes[0].startswith("<i>working...")  # a live sweep says it is working
+        assert lab.top_k == 2 and lab.topk_slider.value == 2
         assert mirror.value == "L0H1,L1H2" and list(lab.heatmap.data[1].x) == [1, 2]
         assert lab.sweep.layout.title.text == "layer sweep: 2 heads (capitalize)"
     finally:
@@ -142,3 +155,39 @@ def test_merge_bars_are_pure_and_escape_task_names():
     fig = merge_bars(r)
     assert list(fig.data[0].x) == ["&lt;b&gt;x&lt;/b&gt;", "y"] and list(fig.data[0].y) == [0.5, 0.25]
     assert fig.layout.title.text == "ties merge: mean zero-shot accuracy 0.38"
+
+
+def test_layer_axes_have_integer_ticks_and_plots_fit(lab):
+    for fig in (lab.heatmap, lab.sweep):
+        assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tick0 == 0
+    assert lab.heatmap.layout.yaxis.dtick == 1
+    for fig in (lab.bars, lab.cosine, lab.heatmap, lab.sweep):
+        # sized by their container (responsive figures send their data in the first message)
+        assert fig.layout.width is None and fig.layout.autosize
+        assert fig._config.get("responsive") and len(fig.data[0].to_plotly_json()) > 2
+    # whole slider labels, no "country_c..." truncation
+    assert all(s.description == n and s.style.description_width == "initial" for n, s in lab.sliders.items())
+
+
+def test_remerge_says_working_first(lab):
+    notes = []
+    lab.status.observe(lambda c: notes.append(c["new"]), names="value")
+    lab.sliders["first_letter"].value = 0.5
+    assert notes[0].startswith("<i>working...") and "re-merged and scored" in notes[-1]
+
+
+def test_export_writes_the_view(lab, tmp_path):
+    out = lab.export_html(tmp_path / "lab.html")
+    text = out.read_text()
+    assert "merge: mean zero-shot accuracy" in text and "indirect effect per head" in text
+    assert "capitalize: " in text  # the coefficients, as text
+
+
+def test_every_plot_opens_with_what_it_shows(lab):
+    # no figure is updated between its construction and its first draw: the state the front end
+    # opens with is the one shown (an update that lands before plotly's widget code loads is lost)
+    again = TaskVectorLab(lab.merge, lab.diagnostics, finetuned=lab.finetuned, fvs=lab.fvs,
+                          sweeps=[lab.sweep_result])
+    for fig in (again.bars, again.cosine, again.heatmap, again.sweep):
+        assert fig._last_trace_edit_id == 0 and fig._last_layout_edit_id == 0
+    assert again.sweep._widget_data[0]["y"] == list(lab.sweep_result["accuracy"])

@@ -8,7 +8,8 @@ from widgets.figures.atlas import (
     agreement_heatmap, atlas_blocks, atlas_matrices, atlas_scatter, grouping_html, pair_details_html,
 )
 from widgets.figures.attention import (
-    ablation_bars, ablation_text, attention_tokens_html, attribution_html, pattern_heatmap, score_grid,
+    ablation_bars, ablation_text, attention_tokens_html, attribution_html, heads_overview, masked_pattern, overview_head,
+    overview_outline, pattern_heatmap, score_grid,
 )
 from widgets.figures.circuits import (
     activation_histogram, circuit_figure, circuit_layout, contexts_html, logit_effect_bars, metric_bars, metric_text,
@@ -19,7 +20,7 @@ from widgets.figures.tokens import position_labels, tokens_html
 __all__ = [
     "agreement_heatmap", "atlas_blocks", "atlas_matrices", "atlas_scatter", "grouping_html", "pair_details_html",
     "ablation_bars", "ablation_text", "activation_histogram", "attention_tokens_html", "attribution_html",
-    "circuit_figure", "circuit_layout", "contexts_html", "cosine_heatmap", "ie_heatmap", "logit_effect_bars",
+    "circuit_figure", "circuit_layout", "heads_overview", "masked_pattern", "overview_head", "overview_outline", "contexts_html", "cosine_heatmap", "ie_heatmap", "logit_effect_bars",
     "merge_bars", "metric_bars", "metric_text", "pattern_heatmap", "position_labels", "score_grid", "sweep_figure",
     "tokens_html",
 ]

@@ -51,7 +51,8 @@ def ie_heatmap(fv, heads: Sequence[tuple[int, int]] = ()) -> go.Figure:
                    marker=dict(symbol="x", size=14, color="black"), name="in vector", hoverinfo="skip"),
     ])
     fig.update_layout(title=f"indirect effect per head ({html.escape(fv.task)})", xaxis_title="head",
-                      yaxis_title="layer", height=340, margin=MARGIN, showlegend=False)
+                      yaxis_title="layer", height=340, margin=MARGIN, showlegend=False,
+                      xaxis=dict(tick0=0, dtick=1), yaxis=dict(tick0=0, dtick=1))
     return fig
 
 
@@ -71,5 +72,5 @@ def sweep_figure(sweep=None, note: str = "") -> go.Figure:
         go.Scatter(x=bx, y=by, mode="lines", name="zero-shot", line=dict(dash="dash", color="black")),
     ])
     fig.update_layout(title=title, xaxis_title="layer (vector added to resid_pre)", yaxis_title="accuracy",
-                      yaxis_range=[0, 1.05], height=340, margin=MARGIN)
+                      yaxis_range=[0, 1.05], height=340, margin=MARGIN, xaxis=dict(tick0=0, dtick=1))
     return fig
