@@ -26,21 +26,10 @@ import numpy as np
 import torch
 
 from bench.harness import Table, timeit
+from bench.task_gradients import minilm_setup
 
 METHODS = ("pcgrad", "mgda", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl")
 HARD = ("mgda", "cagrad", "nash_mtl")
-
-
-def _setup():
-    import workbench
-
-    mini = workbench.load("minilm", device="cpu")
-    model = mini.model
-    words = "the keys near the cabinet are old and the dog by the doors was happy".split()
-    prompts = [" ".join(words[i % 5 :] + words[: i % 5])[:200] for i in range(32)]
-    batch = mini.tokenize(prompts)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return model, batch, params
 
 
 def _backward_seconds(model, batch, reps: int = 5) -> float:
@@ -66,7 +55,7 @@ def run() -> Table:
     from workbench.mtl import aggregate, task_gradients
     from workbench.mtl.aggregators import gramian_weights
 
-    model, batch, params = _setup()
+    model, batch, params = minilm_setup()
     backward = _backward_seconds(model, batch)
     t = Table("Aggregator cost vs one backward pass of MiniLM (22M shared parameters, batch 32 x 32), one CPU thread",
               ["solve (weights from G)", "aggregate(J, gramian=G)", "w @ J alone", "one backward"], unit="ms")

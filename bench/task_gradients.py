@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("workbench", "loop", "torchjd")
 
 
-def _setup():
+def minilm_setup():
+    """MiniLM's encoder, a batch of 32 prompts of up to 32 tokens, and its trainable
+    parameters: the workload the MTL benches share."""
     import workbench
 
     mini = workbench.load("minilm", device="cpu")
@@ -85,7 +87,7 @@ def _status(key: str) -> int:
 
 def _peak_child(method: str, T: int) -> None:
     torch.set_num_threads(1)
-    fn = _methods(*_setup())[method]
+    fn = _methods(*minilm_setup())[method]
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
     base = _status("VmRSS")
@@ -144,7 +146,7 @@ def _monitoring() -> list[tuple[str, float, float]]:
 
 
 def run() -> Table:
-    fns = _methods(*_setup())
+    fns = _methods(*minilm_setup())
     t = Table("Per-task gradients on MiniLM (22M shared parameters, batch 32 x 32), one CPU thread",
               ["workbench", "LibMTL loop", "TorchJD jac"], unit="s or MB")
     for T in (2, 4, 8):
