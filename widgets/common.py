@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+from copy import deepcopy
 from typing import Iterable
 
 import anywidget
@@ -185,6 +186,24 @@ def update_in_place(widget: go.FigureWidget, figure: go.Figure) -> None:
                 old[k] = v
         layout = {k: json_safe(v) for k, v in figure.layout.to_plotly_json().items() if k != "template"}
         widget.layout.update(layout)
+
+
+def sync_state(widget: go.FigureWidget) -> None:
+    """Copy ``widget``'s current data and layout into the state a new front-end view is
+    drawn from. plotly sends an update as a message that only views already on screen
+    apply; a figure inside a box that is displayed after the update (a widget that draws
+    in its constructor, a notebook cell that trains before showing its monitor) would
+    otherwise come up with the state it was created with: empty axes. Call it after
+    :func:`update_in_place` (views on screen ignore it)."""
+    widget._widget_data = json_safe(deepcopy(widget._data))
+    widget._widget_layout = json_safe(deepcopy(widget._layout_obj._props))
+
+
+def redraw_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
+    """:func:`update_in_place`, then :func:`sync_state`: what a widget's callbacks call, so
+    a view created later shows the same figure."""
+    update_in_place(widget, figure)
+    sync_state(widget)
 
 
 def trace_data(figure) -> list[dict]:

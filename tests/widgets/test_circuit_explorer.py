@@ -406,6 +406,9 @@ def test_dashboard_jumps_to_any_feature_and_lists_logits(tasklm, setup, tmp_path
     if dash.summary.examples:
         assert "activation 0" in dash.contexts.value and ": activation " in dash.contexts.value
     assert dash.histogram.layout.yaxis.type == "log"
+    # the state a view created now draws from holds the new feature (not the empty first figure)
+    assert list(dash.logits.get_state()["_widget_data"][0]["y"]) == list(dash.logits.data[0].y)
+    assert len(dash.logits.data[0].y) == 2 * len(dash.summary.attrs["promoted"]) > 0
     dash.feature_box.value = 64  # out of range: said on screen, the dashboard stays
     dash.show_button.click()
     assert dash.feature == 7 and "out of range" in dash.jump_status.value
