@@ -111,6 +111,7 @@ class FeatureDashboard(W.VBox):
             wrap_box([W.VBox([self.logit_lists]), self.logits]),
             self.export_box,
         ], layout=W.Layout(width="100%"))
+        self.add_class("wb-feature-dashboard")
         self.observe(self._draw, names=["site", "feature"])
         self.show(feature, site=site)
 
@@ -265,6 +266,7 @@ class CircuitExplorer(W.VBox):
             wrap_box([self.bars, W.VBox([self.next_tokens])], min_width=360),
             self.dashboard_box, self.export_box,
         ], node_threshold=nt, edge_threshold=et, layout=W.Layout(width="100%"))
+        self.add_class("wb-circuit-explorer")
         W.link((self, "node_threshold"), (self.node_slider, "value"))
         W.link((self, "edge_threshold"), (self.edge_slider, "value"))
         self.figure.data[NODE_TRACE].on_click(self._on_node)
@@ -399,13 +401,16 @@ class CircuitExplorer(W.VBox):
             self.dashboard_box.children = ()
             self.redraw()
             return
-        if self.dashboard is None:
+        known = self.dashboard.summaries if self.dashboard is not None else {
+            (s.attrs["site"], int(s.attrs["feature"])): s for s in self.summaries}
+        if (site, feature) not in known and self.texts is not None and self.offline is None:
             self.node_info.value += " " + _working("summarising the feature")
+        if self.dashboard is None:
             self.dashboard = FeatureDashboard(self.summaries, subject=self.subject, saes=self.saes, texts=self.texts,
                                               site=site, feature=feature)
-            self.node_info.value = node_html(self.graph, i)
         else:
             self.dashboard.show(feature, site=site)
+        self.node_info.value = node_html(self.graph, i)
         self.dashboard_box.children = (self.dashboard,)
         self.redraw()  # the ring, and the node's label once its summary is known
 

@@ -201,9 +201,19 @@ def sync_state(widget: go.FigureWidget) -> None:
 
 def redraw_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
     """:func:`update_in_place`, then :func:`sync_state`: what a widget's callbacks call, so
-    a view created later shows the same figure."""
-    update_in_place(widget, figure)
-    sync_state(widget)
+    a view created later shows the same figure. While no view is on screen (a widget that
+    draws in its constructor, a cell that trains before showing its monitor) the change
+    goes out as one state message holding the whole figure: plotly's update messages reach
+    only views on screen, and one that lands while the front end is still starting the
+    figure's model breaks that model ("[anywidget] Failed to initialize model"), leaving
+    empty axes."""
+    if widget._view_count:
+        update_in_place(widget, figure)
+        sync_state(widget)
+        return
+    with widget.hold_sync():
+        update_in_place(widget, figure)
+        sync_state(widget)
 
 
 def trace_data(figure) -> list[dict]:

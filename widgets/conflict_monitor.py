@@ -134,6 +134,7 @@ class ConflictMonitor(W.VBox):
             figures.append(wrap_box([self.overlay], min_width=600))
         self.export_box = export_controls(self, "conflict_monitor.html")
         super().__init__([*rows, *figures, self.export_box], layout=W.Layout(width="100%"))
+        self.add_class("wb-conflict-monitor")
         traitlets.link((self.pair_select, "value"), (self, "task_pair"))
         traitlets.link((self.block_select, "value"), (self, "block"))
         traitlets.link((self.smooth_slider, "value"), (self, "smoothing"))

@@ -39,6 +39,8 @@ def _edges(title: str) -> int:
 
 def test_circuit_explorer_fits_and_reacts_in_jupyterlab():
     with running_lab(ROOT / "notebooks") as (base, token), browser_page(max(WIDTHS)) as page:
+        errors = []  # uncaught front-end errors ("[anywidget] Failed to initialize model": a figure left empty)
+        page.on("pageerror", lambda e: errors.append(str(e)))
         open_and_run(page, base, token, f"{NB}.ipynb", timeout_s=900)
         page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot .gtitle')]"
                                ".some(t => t.textContent.startsWith('circuit: '))", timeout=60_000)
@@ -46,8 +48,8 @@ def test_circuit_explorer_fits_and_reacts_in_jupyterlab():
         body = page.inner_text(".jp-NotebookPanel")
         assert "all feature-circuit checks passed" in body
         assert "quantile 3" in body and "top logits" in body  # the dashboard's contexts and logit lists
-        explorer = page.locator(".jp-OutputArea-output", has=page.locator("button", has_text="faithfulness")).last
-        dashboard = explorer.locator(".widget-vbox", has_text="Top-activating contexts").last
+        explorer = page.locator(".wb-circuit-explorer").last
+        dashboard = explorer.locator(".wb-feature-dashboard")
         for width in sorted(WIDTHS, reverse=True):
             page.set_viewport_size({"width": width, "height": 1000})
             page.wait_for_timeout(1500)
@@ -99,4 +101,5 @@ def test_circuit_explorer_fits_and_reacts_in_jupyterlab():
                                ".some(t => /\\/5 shown/.test(t.textContent))", timeout=60_000)
         assert page_problems(page) == []
         assert serialization_warnings(page) == []
+        assert errors == []
         assert overflow_problems(page) == []

@@ -27,6 +27,8 @@ def test_conflict_monitor_fits_and_its_controls_work_in_jupyterlab():
     require_chromium()
     name = build_ipynb(NB)
     with running_lab(ROOT / "notebooks") as (base, token), browser_page(max(WIDTHS)) as page:
+        errors = []  # uncaught front-end errors ("[anywidget] Failed to initialize model": a figure left empty)
+        page.on("pageerror", lambda e: errors.append(str(e)))
         open_and_run(page, base, token, name, timeout_s=900)
         page.wait_for_selector(".js-plotly-plot", timeout=60_000)
         assert page_problems(page) == []
@@ -67,4 +69,5 @@ def test_conflict_monitor_fits_and_its_controls_work_in_jupyterlab():
         _status_matches(page, r"step \d+/400 \(idle\)", 120_000)
         assert page_problems(page) == []
         assert serialization_warnings(page) == []
+        assert errors == []
         assert overflow_problems(page) == []

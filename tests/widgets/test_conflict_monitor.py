@@ -55,6 +55,10 @@ def test_figures_follow_the_records_in_place(train_data):
     h = tr.history
     assert mon.step == 15 and mon.follow
     assert np.allclose(np.asarray(heat.z, float), h["cosine"][-1])
+    # trained before it was shown (the notebook's cell): a view created now draws the run
+    state = mon.cosines.get_state()["_widget_data"][0]["z"]
+    assert np.allclose(np.asarray(state, float), h["cosine"][-1])
+    assert list(mon.series.get_state()["_widget_data"][0]["x"]) == [0, 5, 10, 15]
     assert np.allclose(np.asarray(mon.affinity.data[0].z, float), h["affinity"][-1])
     assert list(line.x) == [0, 5, 10, 15] and list(line.y) == h["conflict_fraction"].tolist()
     assert list(mon.series.data[6].y) == h["loss"][:, 1].tolist()  # (raw, smoothed) x (fraction, cosine, 2 losses)

@@ -127,7 +127,9 @@ def affinity_matrix(history, *, step: int | None = None) -> go.Figure:
     i = step_index(history, step)
     has = "affinity" in history
     aff = history["affinity"][i] if has and i is not None else np.full((len(names),) * 2, np.nan)
-    fig = go.Figure(go.Heatmap(z=masked(aff), x=names, y=names, colorscale="RdBu", zmid=0,
+    finite = np.abs(aff[np.isfinite(aff)])
+    lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0  # fixed, symmetric: no NaN range
+    fig = go.Figure(go.Heatmap(z=masked(aff), x=names, y=names, colorscale="RdBu", zmin=-lim, zmax=lim,
                                hovertemplate="step on %{y} -> %{x}: %{z:.4f}<extra></extra>",
                                colorbar=dict(title="affinity")))
     title = f"lookahead affinity{_at(history, i)}" if has else "lookahead affinity (not recorded in this run)"
