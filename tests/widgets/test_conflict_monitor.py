@@ -254,3 +254,32 @@ def test_runs_overlay_and_export(tmp_path):
     assert text.count('class="plotly-graph-div"') == 5 and "block: layer.1" in text
     with pytest.raises(WorkbenchError, match="runs must map"):
         ConflictMonitor.from_result(runs["equal"], runs={"x": 3})
+
+
+def test_no_update_message_reaches_a_figure_with_no_view(monkeypatch, train_data):
+    """A monitor trained before it is shown sends each figure's change as state (what a
+    view created later draws), never as plotly's update message, which a front-end model
+    still starting drops (and breaks on); once a view is on screen, updates go as usual."""
+    import ipywidgets as W
+
+    sent = []
+    original = W.Widget._send
+
+    def record(self, msg, buffers=None):
+        sent.append((self, msg.get("state", {})))
+        return original(self, msg, buffers)
+
+    monkeypatch.setattr(W.Widget, "_send", record)
+    tr = _trainer(train_data, affinity=True)
+    mon = ConflictMonitor(tr, steps=10)
+    figures = (mon.cosines, mon.affinity, mon.series, mon.blocks)
+    sent.clear()
+    mon.start(background=False)
+    mine = [state for w, state in sent if any(w is f for f in figures)]
+    assert mine and not any(state.get("_py2js_update") for state in mine)
+    assert any("_widget_data" in state for state in mine)
+    for f in figures:
+        f._view_count = 1  # the front end says a view is on screen
+    sent.clear()
+    mon.step = 0
+    assert any(state.get("_py2js_update") for w, state in sent if w is mon.cosines)
