@@ -76,6 +76,9 @@ def test_circuit_explorer_fits_and_reacts_in_jupyterlab():
                         x: r.left + L.xaxis._offset + L.xaxis.l2p(t.x[k]),
                         y: r.top + L.yaxis._offset + L.yaxis.l2p(t.y[k])}; }""" % NODE_TRACE)
         name = where["name"]
+        page.mouse.move(where["x"] - 40, where["y"])
+        page.mouse.move(where["x"], where["y"], steps=4)  # plotly clicks what it last hovered: hover first
+        page.wait_for_timeout(500)
         page.mouse.click(where["x"], where["y"])
         page.wait_for_function(
             "(n) => [...document.querySelectorAll('.widget-html-content b')].some(b => b.textContent === n)",

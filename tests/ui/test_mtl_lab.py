@@ -50,7 +50,8 @@ def test_conflict_monitor_fits_and_its_controls_work_in_jupyterlab():
             replay.screenshot(path=str(ARTIFACTS / f"conflict_replay-{width}.png"))
             # the monitor trained before it was shown: its figures hold the run, not empty axes
             titles = monitor.locator(".js-plotly-plot .gtitle").all_text_contents()
-            assert "gradient cosine (all blocks, step 190)" in titles and "lookahead affinity, step 190" in titles, titles
+            assert "gradient cosine (all blocks, step 190)" in titles and "lookahead affinity, step 190" in titles, (
+                titles, errors)
             assert any(t.startswith("cosine per block and task pair, step 190") for t in titles), titles
         page.set_viewport_size({"width": max(WIDTHS), "height": 1000})
         # the record slider looks back: Home shows the first record (step 0) in the matrices' titles
