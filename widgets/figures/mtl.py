@@ -158,16 +158,16 @@ def conflict_series(history, *, task_pair: Sequence | None = None, block: str | 
     for values, name, col, color in series:
         raw = np.asarray(values, dtype=np.float64)
         fig.add_scatter(x=steps, y=masked(raw), name=name, mode="lines", line=dict(color=color, width=1),
-                        opacity=0.3 if smoothing > 0 else 1.0, showlegend=False, legendgroup=name,
+                        opacity=0.3 if smoothing > 0 else 1.0, showlegend=col == 3 and smoothing == 0, legendgroup=name,
                         hovertemplate=f"{name} (raw), step %{{x}}: %{{y:.4f}}<extra></extra>", row=1, col=col)
         fig.add_scatter(x=steps, y=masked(smooth(raw, smoothing)), name=name, mode="lines",
                         line=dict(color=color, width=2), visible=smoothing > 0, legendgroup=name,
-                        showlegend=col == 3, hovertemplate=f"{name} (smoothed), step %{{x}}: %{{y:.4f}}<extra></extra>",
+                        showlegend=col == 3 and smoothing > 0, hovertemplate=f"{name} (smoothed), step %{{x}}: %{{y:.4f}}<extra></extra>",
                         row=1, col=col)
     fig.update_xaxes(title_text="step", tickformat="d")
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=1)
     fig.update_yaxes(range=[-1, 1], row=1, col=2)
-    fig.update_layout(height=320, margin=MARGIN, legend=dict(orientation="h", y=-0.3, x=0))
+    fig.update_layout(height=340, margin=MARGIN, legend=dict(orientation="h", yanchor="top", y=-0.32, x=0))
     return fig
 
 
@@ -198,7 +198,7 @@ def block_bars(history, *, step: int | None = None, task_pair: Sequence | None =
         what = (f"cosine per block and task pair{_at(history, i)}"
                 + (f"; lowest ({pick}): {blocks[worst]} {float(mean[worst]):+.2f}" if worst is not None else ""))
     fig.update_layout(height=300, margin=MARGIN, title=what, barmode="group", yaxis=dict(range=[-1, 1], title="cosine"),
-                      legend=dict(orientation="h", y=-0.2, x=0), showlegend=True)
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), showlegend=True)
     return fig
 
 
@@ -224,7 +224,7 @@ def runs_overlay(histories: Mapping[str, object], *, smoothing: float = 0.0, blo
     fig.update_xaxes(title_text="step", tickformat="d")
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=1)
     fig.update_yaxes(range=[-1, 1], row=1, col=2)
-    fig.update_layout(height=340, margin=MARGIN, legend=dict(orientation="h", y=-0.3, x=0))
+    fig.update_layout(height=360, margin=MARGIN, legend=dict(orientation="h", yanchor="top", y=-0.32, x=0))
     return fig
 
 
