@@ -42,6 +42,12 @@ from workbench.errors import WorkbenchError
 from workbench.mtl.trainer import MultiTaskTrainer, TrainingHistory
 
 
+FIGURES = ("cosines", "affinity", "series", "blocks", "overlay")
+#: the figures each selection trait changes (a view-only change redraws only those)
+DEPENDS = {"task_pair": ("series", "blocks"), "block": ("cosines", "series", "overlay"),
+           "smoothing": ("series", "overlay")}
+
+
 def aggregator_names() -> list[str]:
     """The aggregators a trainer accepts (asked of the trainer's module, so the list follows it)."""
     from workbench.mtl import trainer as trainer_module
@@ -140,7 +146,7 @@ class ConflictMonitor(W.VBox):
         traitlets.link((self.smooth_slider, "value"), (self, "smoothing"))
         self.step_slider.observe(self._on_slider, "value")
         self.observe(self._on_step, "step")
-        self.observe(lambda _c: self._draw(), ["task_pair", "block", "smoothing"])
+        self.observe(lambda c: self._draw(parts=DEPENDS[c["name"]]), list(DEPENDS))
         self._refresh()
 
     @classmethod
@@ -258,7 +264,7 @@ class ConflictMonitor(W.VBox):
             return
         steps = self._hist.coord("step")
         self.follow = bool(steps) and change["new"] == steps[-1]  # picking the latest record follows new ones
-        self._draw()
+        self._draw(parts=("cosines", "affinity", "blocks"))
 
     @traitlets.validate("step")
     def _valid_step(self, proposal):
@@ -282,7 +288,8 @@ class ConflictMonitor(W.VBox):
             raise traitlets.TraitError(f"smoothing must be in [0, 1), got {value}")
         return value
 
-    def _draw(self, hist: TrainingHistory | None = None) -> None:
+    def _draw(self, hist: TrainingHistory | None = None, parts=FIGURES) -> None:
+        """Redraw the figures named in ``parts`` (all of them by default: new records)."""
         if self._busy:
             return
         with self._lock:
@@ -294,12 +301,16 @@ class ConflictMonitor(W.VBox):
                 finally:
                     self._busy = False
             self.step_label.value = "no record yet" if self.step is None else f"step {self.step}"
-            redraw_figure(self.cosines, cosine_matrix(hist, step=self.step, block=self.block))
-            redraw_figure(self.affinity, affinity_matrix(hist, step=self.step))
-            redraw_figure(self.series, conflict_series(hist, task_pair=self.task_pair, block=self.block,
-                                                         smoothing=self.smoothing))
-            redraw_figure(self.blocks, block_bars(hist, step=self.step, task_pair=self.task_pair))
-            if self.overlay is not None:
+            if "cosines" in parts:
+                redraw_figure(self.cosines, cosine_matrix(hist, step=self.step, block=self.block))
+            if "affinity" in parts:
+                redraw_figure(self.affinity, affinity_matrix(hist, step=self.step))
+            if "series" in parts:
+                redraw_figure(self.series, conflict_series(hist, task_pair=self.task_pair, block=self.block,
+                                                           smoothing=self.smoothing))
+            if "blocks" in parts:
+                redraw_figure(self.blocks, block_bars(hist, step=self.step, task_pair=self.task_pair))
+            if self.overlay is not None and "overlay" in parts:
                 block = self.block if all(self.block in h.coord("block") for h in self.runs.values()) else ALL_BLOCKS
                 redraw_figure(self.overlay, runs_overlay(self.runs, smoothing=self.smoothing, block=block))
             self._last_draw = time.monotonic()
