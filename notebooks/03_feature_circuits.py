@@ -219,8 +219,7 @@ print(f"ablating {top_feats}: logit diff {shift['before'].mean():.2f} -> {shift[
 
 # %%
 explorer = CircuitExplorer(graph, subject=lm, saes=saes, clean=clean, corrupted=corrupted, metric=metric,
-                           texts=eval_texts, means=means)
-explorer.select(f"attn_out.1/{plural_f}")
+                           texts=eval_texts, means=means, node=f"attn_out.1/{plural_f}")
 explorer
 
 # %% [markdown]

@@ -222,8 +222,8 @@ print(np.round(text_aff, 3))
 # %%
 live = MultiTaskTrainer(MultiDigitsNet(), digit_losses(), batch_sampler(train, 64), aggregator="pcgrad", lr=3e-3,
                         monitor_every=10, affinity=True)
+live.fit(200, progress=False)  # a notebook run trains here; "start" in the monitor trains on from step 200
 monitor = ConflictMonitor(live, steps=200)
-monitor.start(background=False)  # a notebook run finishes it here; "start" trains on from step 200
 monitor
 
 # %% [markdown]

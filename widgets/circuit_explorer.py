@@ -93,8 +93,12 @@ class FeatureDashboard(W.VBox):
         self.title = W.HTML()
         self.contexts = W.HTML()
         self.logit_lists = W.HTML()
-        self.histogram = responsive_figure(activation_histogram())
-        self.logits = responsive_figure(logit_effect_bars())
+        # the first feature's figures are built with its data: the front end gets them whole
+        # in the message that creates them (no update has to land while it starts the model)
+        first = self.summary_of(site, feature)
+        note = html.escape(f"no saved summary of {site}/{feature}")
+        self.histogram = responsive_figure(activation_histogram(first, note=note))
+        self.logits = responsive_figure(logit_effect_bars(first))
         sites = sorted({*self.saes, *(k[0] for k in self.summaries), site})
         self.site_select = full_label(W.Dropdown(options=sites, value=site, description="site",
                                                  layout=W.Layout(width="auto")))
@@ -241,7 +245,11 @@ class CircuitExplorer(W.VBox):
         self.edge_slider = full_label(W.FloatLogSlider(
             base=10, min=np.log10(etop) - 4, max=np.log10(etop), step=0.05, description="edge |weight| >=",
             readout_format=".3g", continuous_update=False, layout=W.Layout(width="min(100%, 420px)")))
-        self.figure = responsive_figure(circuit_figure(graph, nt, et, labels=self._labels()))
+        names = graph.coord("node")
+        if node and node not in names:
+            raise WorkbenchError(f"no node {node!r} in this graph; nodes look like {names[0]!r}")
+        self.figure = responsive_figure(circuit_figure(graph, nt, et, names.index(node) if node else None,
+                                                       labels=self._labels(node)))
         self.edge_note = W.HTML()
         self.node_info = W.HTML("<i>click a feature node</i>")
         self.ablate_value = full_label(W.Dropdown(options=["mean", "zero"], value="mean", description="ablate to",
@@ -309,10 +317,19 @@ class CircuitExplorer(W.VBox):
         """The shown nodes as {site: [feature, ..., "err"]} (``CircuitGraph.circuit``)."""
         return self.graph.circuit(self.node_threshold)
 
-    def _labels(self) -> dict[int, str]:
+    def _labels(self, node: str = "") -> dict[int, str]:
         known = list(self.summaries)
         if self.dashboard is not None:
             known += [s for s in self.dashboard.summaries.values() if s is not None]
+        elif node and not node.endswith("/err") and self.texts is not None and self.offline is None:
+            # the opening node's summary, computed now so the first figure already carries its label
+            from workbench.circuits import feature_summary
+
+            site, feature = node.rsplit("/", 1)
+            if not any((s.attrs["site"], int(s.attrs["feature"])) == (site, int(feature)) for s in known):
+                self.summaries.append(feature_summary(self.subject, self.saes[site], int(feature), self.texts,
+                                                      site=site))
+                known = list(self.summaries)
         return node_labels(self.graph, known)
 
     def redraw(self) -> None:

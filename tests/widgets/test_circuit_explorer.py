@@ -438,3 +438,19 @@ def html_escape(t):
     import html
 
     return html.escape(t)
+
+
+def test_opening_node_is_drawn_in_the_first_message(tasklm, setup):
+    """node= draws the ring, the node's label and its dashboard into the figures' first state
+    (what the front end gets when it creates them), so nothing depends on an update landing
+    while the front end starts the figure (anywidget gives a model 2 s to start)."""
+    saes, graph, clean, metric, texts, means = setup
+    feat = next(n for n, _ in graph_top(graph) if not n.endswith("/err"))
+    ex = CircuitExplorer(graph, subject=tasklm, saes=saes, clean=clean, metric=metric, texts=texts, means=means,
+                         node=feat)
+    i = graph.coord("node").index(feat)
+    first = ex.figure.get_state()["_widget_data"]
+    assert list(first[NODE_TRACE + 1]["x"]) == [int(graph["site"][i])]
+    assert ex.dashboard.feature == int(feat.split("/")[1])
+    bars = ex.dashboard.logits.get_state()["_widget_data"][0]
+    assert len(bars["y"]) == 2 * len(ex.dashboard.summary.attrs["promoted"]) > 0
