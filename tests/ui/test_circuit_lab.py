@@ -80,9 +80,13 @@ def test_circuit_explorer_fits_and_reacts_in_jupyterlab():
         page.mouse.move(where["x"], where["y"], steps=4)  # plotly clicks what it last hovered: hover first
         page.wait_for_timeout(500)
         page.mouse.click(where["x"], where["y"])
-        page.wait_for_function(
-            "(n) => [...document.querySelectorAll('.widget-html-content b')].some(b => b.textContent === n)",
-            arg=name.replace("&amp;", "&"), timeout=30_000)
+        try:
+            page.wait_for_function(
+                "(n) => [...document.querySelectorAll('.widget-html-content b')].some(b => b.textContent === n)",
+                arg=name.replace("&amp;", "&"), timeout=30_000)
+        except Exception as err:
+            info = explorer.locator(".widget-html-content b").all_text_contents()[:3]
+            raise AssertionError(f"clicking {where} did not select {name}; shown: {info}; page errors: {errors}") from err
         # End on the node slider: only the strongest node; Home: below the build threshold, edges computed
         handle = explorer.locator(".widget-slider .ui-slider-handle, .widget-slider .noUi-handle").first
         handle.focus()
