@@ -79,6 +79,8 @@ def test_circuit_explorer_fits_and_reacts_in_jupyterlab():
         page.mouse.move(where["x"] - 40, where["y"])
         page.mouse.move(where["x"], where["y"], steps=4)  # plotly clicks what it last hovered: hover first
         page.wait_for_timeout(500)
+        hovered = plot.evaluate("(gd) => (gd._hoverdata || []).map(p => [p.curveNumber, p.pointNumber])")
+        assert hovered == [[NODE_TRACE, where["k"]]], (hovered, where)  # the node under the pointer, not a neighbour
         page.mouse.click(where["x"], where["y"])
         try:
             page.wait_for_function(
@@ -86,7 +88,9 @@ def test_circuit_explorer_fits_and_reacts_in_jupyterlab():
                 arg=name.replace("&amp;", "&"), timeout=30_000)
         except Exception as err:
             info = explorer.locator(".widget-html-content b").all_text_contents()[:3]
-            raise AssertionError(f"clicking {where} did not select {name}; shown: {info}; page errors: {errors}") from err
+            hovered = plot.evaluate("(gd) => (gd._hoverdata || []).map(p => [p.curveNumber, p.pointNumber])")
+            raise AssertionError(f"clicking {where} did not select {name}; shown: {info}; hovered {hovered}; "
+                                 f"page errors: {errors}") from err
         # End on the node slider: only the strongest node; Home: below the build threshold, edges computed
         handle = explorer.locator(".widget-slider .ui-slider-handle, .widget-slider .noUi-handle").first
         handle.focus()
