@@ -416,7 +416,8 @@ def test_dashboard_jumps_to_any_feature_and_lists_logits(tasklm, setup, tmp_path
     assert out.count('class="plotly-graph-div"') == 2 and "top logits" in out
 
 
-def test_explorer_exports_its_view(explorer, setup, tmp_path):
+def test_explorer_exports_its_view(explorer, setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the export button writes its default file name here
     _, graph, *_ = setup
     explorer.select(next(n for n, _ in graph_top(graph) if not n.endswith("/err")))
     explorer.export_box.run()

@@ -236,7 +236,8 @@ def test_smoothing_is_tensorboards_and_redraws_the_series():
         mon.smoothing = 1.5
 
 
-def test_runs_overlay_and_export(tmp_path):
+def test_runs_overlay_and_export(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the export button writes its default file name here
     runs = {"equal": _history(seed=1), "pcgrad": _history(seed=2), "mgda": _history(seed=3)}
     mon = ConflictMonitor.from_result(runs["equal"], runs=runs)
     names = [t.name for t in mon.overlay.data]
