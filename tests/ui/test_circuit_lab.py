@@ -68,20 +68,21 @@ def test_circuit_explorer_fits_and_reacts_in_jupyterlab():
         # a click on a node's centre selects that node (the info line names it)
         plot = explorer.locator(".js-plotly-plot").first
         plot.scroll_into_view_if_needed()
-        # the centre of a node in the middle of the tallest column, from plotly's own axes
+        page.wait_for_timeout(1000)  # the notebook settles after the resizes
+        # the centre of a node in the middle of the tallest column, from plotly's own axes (relative to the plot)
         where = plot.evaluate(
-            """(gd) => { const t = gd._fullData[%d], L = gd._fullLayout, r = gd.getBoundingClientRect();
+            """(gd) => { const t = gd._fullData[%d], L = gd._fullLayout;
                 const k = Math.floor(t.x.length / 2);
                 return {k, name: t.customdata[k][1],
-                        x: r.left + L.xaxis._offset + L.xaxis.l2p(t.x[k]),
-                        y: r.top + L.yaxis._offset + L.yaxis.l2p(t.y[k])}; }""" % NODE_TRACE)
+                        x: L.xaxis._offset + L.xaxis.l2p(t.x[k]), y: L.yaxis._offset + L.yaxis.l2p(t.y[k])}; }"""
+            % NODE_TRACE)
         name = where["name"]
-        page.mouse.move(where["x"] - 40, where["y"])
-        page.mouse.move(where["x"], where["y"], steps=4)  # plotly clicks what it last hovered: hover first
+        plot.hover(position={"x": where["x"] - 30, "y": where["y"]})
+        plot.hover(position={"x": where["x"], "y": where["y"]})  # plotly clicks what it last hovered: hover first
         page.wait_for_timeout(500)
         hovered = plot.evaluate("(gd) => (gd._hoverdata || []).map(p => [p.curveNumber, p.pointNumber])")
         assert hovered == [[NODE_TRACE, where["k"]]], (hovered, where)  # the node under the pointer, not a neighbour
-        page.mouse.click(where["x"], where["y"])
+        plot.click(position={"x": where["x"], "y": where["y"]})
         try:
             page.wait_for_function(
                 "(n) => [...document.querySelectorAll('.widget-html-content b')].some(b => b.textContent === n)",
