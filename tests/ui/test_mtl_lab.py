@@ -52,7 +52,7 @@ def test_conflict_monitor_fits_and_its_controls_work_in_jupyterlab():
             titles = monitor.locator(".js-plotly-plot .gtitle").all_text_contents()
             assert "gradient cosine (all blocks, step 190)" in titles and "lookahead affinity, step 190" in titles, (
                 titles, errors)
-            assert any(t.startswith("cosine per block and task pair, step 190") for t in titles), titles
+            assert any(t.startswith("per-block cosine, step 190") for t in titles), titles
         page.set_viewport_size({"width": max(WIDTHS), "height": 1000})
         # the record slider looks back: Home shows the first record (step 0) in the matrices' titles
         handle = monitor.locator(".widget-slider .ui-slider-handle, .widget-slider .noUi-handle").first

@@ -98,6 +98,11 @@ def _where(block: str | None) -> str:
     return block if block else "all blocks"
 
 
+def _in(block: str | None) -> str:
+    """" in layer.1" for one block, nothing for the whole trunk (short panel titles)."""
+    return f" in {html.escape(block)}" if block else ""
+
+
 def _at(history, i: int | None) -> str:
     return "" if i is None else f", step {history.coord('step')[i]}"
 
@@ -151,7 +156,8 @@ def conflict_series(history, *, task_pair: Sequence | None = None, block: str | 
     pair_cos = mean_pair_cosine(cos) if p is None else cos[:, p[0], p[1]]
     label = "mean over pairs" if p is None else f"{html.escape(task_pair[0])} vs {html.escape(task_pair[1])}"
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.09, subplot_titles=(
-        f"conflict fraction ({_where(block)})", f"cosine, {label}", "loss per task"))
+        f"conflict fraction{_in(block)}", f"cosine{_in(block)}, {label}", "loss per task"))
+    fig.update_annotations(font_size=12)
     series = [(frac, "conflict fraction", 1, PALETTE[0]), (pair_cos, f"cosine {label}", 2, PALETTE[1])]
     series += [(history["loss"][:, t], f"loss {html.escape(name)}", 3, PALETTE[(2 + t) % len(PALETTE)])
                for t, name in enumerate(history.coord("task"))]
@@ -189,13 +195,13 @@ def block_bars(history, *, step: int | None = None, task_pair: Sequence | None =
                     marker_color=PALETTE[k % len(PALETTE)],
                     hovertemplate=f"{name}, %{{x}}: %{{y:.3f}}<extra></extra>")
     if i is None:
-        what = "cosine per block and task pair (no record yet)"
+        what = "per-block cosine of each task pair (no record yet)"
     else:
         c = history["block_cosine"][i]
         mean = mean_pair_cosine(c) if p is None else c[:, p[0], p[1]]
         worst = int(np.nanargmin(mean)) if np.isfinite(mean).any() else None
         pick = "mean over pairs" if p is None else f"{html.escape(task_pair[0])} vs {html.escape(task_pair[1])}"
-        what = (f"cosine per block and task pair{_at(history, i)}"
+        what = (f"per-block cosine{_at(history, i)}"
                 + (f"; lowest ({pick}): {blocks[worst]} {float(mean[worst]):+.2f}" if worst is not None else ""))
     fig.update_layout(height=300, margin=MARGIN, title=what, barmode="group", yaxis=dict(range=[-1, 1], title="cosine"),
                       legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), showlegend=True)
@@ -210,7 +216,8 @@ def runs_overlay(histories: Mapping[str, object], *, smoothing: float = 0.0, blo
     if not histories:
         raise WorkbenchError("runs_overlay needs at least one run: pass {name: TrainingHistory}")
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.09, subplot_titles=(
-        f"conflict fraction ({_where(block)})", f"mean pairwise cosine ({_where(block)})", "mean task loss"))
+        f"conflict fraction{_in(block)}", f"mean pair cosine{_in(block)}", "mean task loss"))
+    fig.update_annotations(font_size=12)
     for k, (name, h) in enumerate(histories.items()):
         steps = h.coord("step")
         bi = _block_index(h, block)
