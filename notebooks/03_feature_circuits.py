@@ -66,7 +66,7 @@ for site in SITES:
     saes[site] = sae
     evals[site] = evaluate_sae(lm, sae, eval_texts)
     del acts
-{s: {k: round(v, 4) for k, v in e.metrics.items() if k in ("l0", "fvu", "dead_fraction", "loss_clean", "loss_sae",
+{s: {k: round(float(v), 4) for k, v in e.metrics.items() if k in ("l0", "fvu", "dead_fraction", "loss_clean", "loss_sae",
                                                             "loss_mean", "loss_recovered_mean")}
  for s, e in evals.items()}
 
@@ -105,7 +105,7 @@ top50 = np.argsort(-np.abs(e))[:50]
 agreement = {name: {"spearman_top50": float(spearmanr(r["effect"][top50], e[top50])[0]),
                     "top10_overlap": len(set(np.argsort(-np.abs(r["effect"]))[:10]) & set(top50[:10])) / 10}
              for name, r in (("attrib", attrib), ("ig", ig))}
-print("exact top nodes:", [(n, round(v, 3)) for n, v in exact.top(8)])
+print("exact top nodes:", [(n, round(float(v), 3)) for n, v in exact.top(8)])
 agreement
 
 # %% [markdown]
@@ -209,13 +209,17 @@ print(f"ablating {top_feats}: logit diff {shift['before'].mean():.2f} -> {shift[
 # %% [markdown]
 # ## The explorer
 #
-# Slide the thresholds to grow or prune the circuit; click a feature node for its
-# dashboard, then "ablate" or "steer" it and read the metric change; "faithfulness"
-# checks the nodes on screen.
+# Slide the thresholds to grow or prune the circuit (below the threshold the graph was
+# built at, the explorer computes the edges of the new nodes first); hover an edge for its
+# weight; click a feature node for its dashboard (contexts with the activation of each
+# token on hover, the activation histogram, top and bottom logits; type any feature id
+# and press "show" to jump to it), then "ablate" or "steer" it and read the metric change
+# (steering also lists what the model now says next); "faithfulness" checks the nodes on
+# screen; "export" saves the view as one HTML file that opens offline.
 
 # %%
-explorer = CircuitExplorer(graph, subject=lm, saes=saes, clean=clean, metric=metric, texts=eval_texts, means=means)
-explorer.select(f"attn_out.1/{plural_f}")
+explorer = CircuitExplorer(graph, subject=lm, saes=saes, clean=clean, corrupted=corrupted, metric=metric,
+                           texts=eval_texts, means=means, node=f"attn_out.1/{plural_f}")
 explorer
 
 # %% [markdown]

@@ -63,9 +63,9 @@ def run(aggregator, tasks=("left", "right"), affinity=True, hidden=64):
 # %%
 single = {t: run(None, (t,))[1][t] for t in ("left", "right")}
 runs = {agg: run(agg) for agg in ["equal", "pcgrad", "mgda", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl"]}
-print("single-task test accuracy:", {t: round(a, 3) for t, a in single.items()})
+print("single-task test accuracy:", {t: round(float(a), 3) for t, a in single.items()})
 for agg, (tr, acc) in runs.items():
-    print(f"{agg:12s}", {t: round(a, 3) for t, a in acc.items()})
+    print(f"{agg:12s}", {t: round(float(a), 3) for t, a in acc.items()})
 
 # %% [markdown]
 # ## Where and when do the gradients conflict?
@@ -81,7 +81,7 @@ cos = eq_hist["cosine"][:, 0, 1]
 block_cos = eq_hist["block_cosine"][:, :, 0, 1]  # [step, block]
 print(eq_hist)
 print("blocks:", eq_hist.coord("block"))
-print("cosine, first 5 records:", np.round(cos[:5], 3), " last 10 mean:", round(cos[-10:].mean(), 3))
+print("cosine, first 5 records:", np.round(cos[:5], 3), " last 10 mean:", round(float(cos[-10:].mean()), 3))
 print("per block, last 10 records:", np.round(block_cos[-10:].mean(0), 3))
 print("share of monitored steps in conflict (cosine < 0):", round(float(np.mean(cos < 0)), 3))
 
@@ -134,7 +134,7 @@ print("mean lookahead affinity:", f"{aff.mean():.5f}", "| its sign agrees with t
       f"{np.mean(np.sign(aff) == np.sign(cos)):.0%} of records")
 errors_single = {t: 1 - a for t, a in single.items()}
 tr_table = {agg: transfer(errors_single, {t: 1 - a for t, a in acc.items()}) for agg, (_, acc) in runs.items()}
-{agg: {t: round(v, 3) for t, v in d.items()} for agg, d in tr_table.items()}
+{agg: {t: round(float(v), 3) for t, v in d.items()} for agg, d in tr_table.items()}
 
 # %% [markdown]
 # ## Text tasks on a shared transformer
@@ -182,9 +182,9 @@ for agg in ["equal", "pcgrad", "mgda"]:
                       "loss": text_losses(tr.model)}
 print("words per task (train / test):", {t: (len(w["train"]), len(w["test"])) for t, w in text.words.items()})
 for name, r in [("pretrained", text_pre), *text_runs.items()]:
-    print(f"{name:10s} train acc", {t: round(v, 2) for t, v in r["train"].items()},
-          "| test acc", {t: round(v, 2) for t, v in r["test"].items()},
-          "| train loss", {t: round(v, 2) for t, v in r["loss"].items()})
+    print(f"{name:10s} train acc", {t: round(float(v), 2) for t, v in r["train"].items()},
+          "| test acc", {t: round(float(v), 2) for t, v in r["test"].items()},
+          "| train loss", {t: round(float(v), 2) for t, v in r["loss"].items()})
 
 # %% [markdown]
 # ### Which pairs conflict, and in which blocks
@@ -197,11 +197,12 @@ tblocks = text_hist["equal"].coord("block")
 print("mean pairwise cosine over the equal-weight run (rows/cols:", names, ")")
 print(np.round(text_cos["equal"].mean(0), 2))
 for agg in text_runs:
-    print(f"{agg:7s} conflicting pair per block", dict(zip(tblocks, np.round(text_block[agg][:, :, ci, cj].mean(0), 2))),
-          "| compatible pair", dict(zip(tblocks, np.round(text_block[agg][:, :, pi, pj].mean(0), 2))))
+    per_block = {pair: dict(zip(tblocks, np.round(text_block[agg][:, :, i, j].mean(0), 2).tolist()))
+                 for pair, (i, j) in (("conflicting", (ci, cj)), ("compatible", (pi, pj)))}
+    print(f"{agg:7s} conflicting pair per block", per_block["conflicting"], "| compatible pair", per_block["compatible"])
 print("conflicting pair, equal weights, over training:", np.round(text_cos["equal"][:, ci, cj], 2))
 mgda_w = text_hist["mgda"]["weight"]
-print("MGDA mean task weights:", dict(zip(names, np.round(mgda_w.mean(0), 2))))
+print("MGDA mean task weights:", dict(zip(names, np.round(mgda_w.mean(0), 2).tolist())))
 text_aff = text_hist["equal"]["affinity"].mean(0)
 print("mean lookahead affinity (step on row task -> column task):")
 print(np.round(text_aff, 3))
@@ -209,21 +210,26 @@ print(np.round(text_aff, 3))
 # %% [markdown]
 # ## Watch it live
 #
-# The monitor shows the cosine and affinity matrices, the conflict fraction and losses
-# over time and the per-block cosines, for the step, task pair and block picked above the
-# figures; "start" trains in a background thread (the notebook stays responsive) with the
-# aggregator under "next run", "stop" ends it.
+# The monitor shows the cosine and affinity matrices at the record picked with the
+# "record" slider (any recorded step, not only the latest), titled panels of the conflict
+# fraction, a pair's cosine and the losses over time ("smoothing" as in TensorBoard), and
+# the per-block cosine of every task pair. "start" trains in a background thread (the
+# notebook stays responsive) with the aggregator under "next run" up to "until step"; the
+# run below has already reached it, so "start" trains on for another 200 steps (choose
+# `mgda` under "next run" first to see the weights change), and "stop" ends it. "export"
+# writes the view as one HTML file that opens offline.
 
 # %%
 live = MultiTaskTrainer(MultiDigitsNet(), digit_losses(), batch_sampler(train, 64), aggregator="pcgrad", lr=3e-3,
                         monitor_every=10, affinity=True)
+live.fit(200, progress=False)  # a notebook run trains here; "start" in the monitor trains on from step 200
 monitor = ConflictMonitor(live, steps=200)
-monitor.start(background=False)  # a notebook run finishes it here; raise "until step" and click "start" to go on
 monitor
 
 # %% [markdown]
 # The run's history is a result like any other: one file, loaded back exactly, drawn again
-# with no model and no trainer (here, the text run's per-block view of the conflicting pair).
+# with no model and no trainer (here, the text run's per-block view of the conflicting pair),
+# with the three text runs (equal, PCGrad, MGDA) overlaid in the last panel.
 
 # %%
 import tempfile
@@ -236,7 +242,7 @@ text_hist["equal"].save(saved_path)
 reloaded = Result.load(saved_path)
 assert reloaded.equals(text_hist["equal"])
 print(reloaded.to_frame().head())
-replay = ConflictMonitor.from_result(reloaded)
+replay = ConflictMonitor.from_result(reloaded, runs=text_hist)
 replay.task_pair = CONFLICTING_PAIR
 replay
 

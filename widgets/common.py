@@ -204,6 +204,34 @@ def update_in_place(widget: go.FigureWidget, figure: go.Figure) -> None:
         widget._widget_layout = deepcopy(widget._layout_obj._props)
 
 
+def sync_state(widget: go.FigureWidget) -> None:
+    """Copy ``widget``'s current data and layout into the state a new front-end view is
+    drawn from. plotly sends an update as a message that only views already on screen
+    apply; a figure inside a box that is displayed after the update (a widget that draws
+    in its constructor, a notebook cell that trains before showing its monitor) would
+    otherwise come up with the state it was created with: empty axes. Call it after
+    :func:`update_in_place` (views on screen ignore it)."""
+    widget._widget_data = json_safe(deepcopy(widget._data))
+    widget._widget_layout = json_safe(deepcopy(widget._layout_obj._props))
+
+
+def redraw_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
+    """:func:`update_in_place`, then :func:`sync_state`: what a widget's callbacks call, so
+    a view created later shows the same figure. While no view is on screen (a widget that
+    draws in its constructor, a cell that trains before showing its monitor) the change
+    goes out as one state message holding the whole figure: plotly's update messages reach
+    only views on screen, and one that lands while the front end is still starting the
+    figure's model breaks that model ("[anywidget] Failed to initialize model"), leaving
+    empty axes."""
+    if widget._view_count:
+        update_in_place(widget, figure)
+        sync_state(widget)
+        return
+    with widget.hold_sync():
+        update_in_place(widget, figure)
+        sync_state(widget)
+
+
 def trace_data(figure) -> list[dict]:
     """The traces of a figure as plain dicts without their random ``uid`` (to compare two
     figures' data)."""

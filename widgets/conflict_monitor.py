@@ -1,54 +1,65 @@
 """ConflictMonitor: watch a multi-task training's gradient conflicts as it runs, or look
 at a saved run.
 
-A T x T cosine heatmap of the per-task gradients beside the lookahead affinity matrix
-(when the trainer records it); a time series of the conflict fraction, a pair's cosine and
-each task's loss; the per-block cosines. The selection (``step``, ``task_pair``,
-``block``) is a set of traitlets traits, driven by the controls above the figures; with
-``follow`` on, ``step`` moves to each new record. The figures come from the builders of
-:mod:`widgets.mtl_figures`, so what is drawn live is what a saved history draws again:
+The T x T cosine heatmap of the per-task gradients beside the lookahead affinity matrix
+(when the trainer records it), both at the recorded step picked with the "record" slider
+(any record, not only the latest); titled panels of the conflict fraction, a pair's cosine
+and each task's loss over the steps (raw and smoothed, TensorBoard-style); the per-block
+cosine of every task pair (one bar per pair, so the conflicting pair shows); with
+``runs=``, several saved runs (one per aggregator, say) overlaid. The selection (``step``,
+``task_pair``, ``block``, ``smoothing``) is a set of traitlets traits, driven by the
+controls above the figures; with ``follow`` on, ``step`` moves to each new record. The
+figures come from the builders of :mod:`widgets.figures.mtl`, so what is drawn live is
+what a saved history draws again:
 
     ConflictMonitor(trainer, steps=200)                  # live: start / stop, next aggregator
-    ConflictMonitor.from_result(Result.load("run.safetensors"))   # no model, no trainer
+    ConflictMonitor.from_result(Result.load("run.safetensors"), runs={"pcgrad": other})
 
 Live, "start" trains in a background thread (the notebook stays responsive) with the
-aggregator chosen under "next run", up to "until step"; "stop" ends it after the current
-step.
+aggregator chosen under "next run", up to "until step"; when the run is already there,
+"start" raises "until step" by the run's first length and trains on (the status says
+so). "stop" ends it after the current step. "export" writes the current view as one
+standalone HTML file.
 """
 
 from __future__ import annotations
 
 import html
-import itertools
 import threading
 import time
+from typing import Mapping
 
 import ipywidgets as W
-import plotly.graph_objects as go
 import traitlets
 
-from widgets.mtl_figures import ALL_BLOCKS, block_bars, conflict_matrices, conflict_series
+from widgets.common import controls_row, full_label, redraw_figure, responsive_figure, wrap_box
+from widgets.export import export_controls
+from widgets.export import export_html as write_html
+from widgets.figures.mtl import (
+    ALL_BLOCKS, affinity_matrix, block_bars, conflict_series, cosine_matrix, runs_overlay, task_pairs,
+)
 from workbench.errors import WorkbenchError
-from workbench.mtl.aggregators import STATEFUL, STATELESS
-from workbench.mtl.trainer import TrainingHistory
+from workbench.mtl.trainer import MultiTaskTrainer, TrainingHistory
 
 
-def _redraw(widget: go.FigureWidget, fig: go.Figure) -> None:
-    """Copy ``fig``'s trace data and titles into ``widget`` in place (same traces)."""
-    with widget.batch_update():
-        for mine, new in zip(widget.data, fig.data):
-            spec = new.to_plotly_json()
-            spec.pop("type", None)
-            spec.pop("uid", None)
-            mine.update(spec, overwrite=True)
-        layout = fig.layout.to_plotly_json()
-        layout.pop("template", None)
-        widget.layout.update(layout)
+FIGURES = ("cosines", "affinity", "series", "blocks", "overlay")
+#: the figures each selection trait changes (a view-only change redraws only those)
+DEPENDS = {"task_pair": ("series", "blocks"), "block": ("cosines", "series", "overlay"),
+           "smoothing": ("series", "overlay")}
+
+
+def aggregator_names() -> list[str]:
+    """The aggregators a trainer accepts (asked of the trainer's module, so the list follows it)."""
+    from workbench.mtl import trainer as trainer_module
+
+    names = [*trainer_module.STATELESS, *trainer_module.STATEFUL]
+    return list(dict.fromkeys(names))
 
 
 class ConflictMonitor(W.VBox):
     """Live view of a :class:`~workbench.mtl.MultiTaskTrainer`, or of a saved
-    :class:`~workbench.mtl.TrainingHistory` (``from_result``)."""
+    :class:`~workbench.mtl.TrainingHistory` (``from_result``). ``runs``: other saved
+    histories ({name: TrainingHistory}) overlaid in a panel of their own."""
 
     #: the recorded step shown in the matrices and block bars (None before any record)
     step = traitlets.Int(None, allow_none=True)
@@ -58,12 +69,15 @@ class ConflictMonitor(W.VBox):
     task_pair = traitlets.Tuple()
     #: a block name, or "" for the whole shared trunk
     block = traitlets.Unicode(ALL_BLOCKS)
+    #: TensorBoard smoothing weight of the series, in [0, 1) (0: raw)
+    smoothing = traitlets.Float(0.0)
 
     #: seconds between redraws while training (each redraw rebuilds the figures: about
     #: 0.1-0.2 s, more than many steps of a small model); the end of a run always redraws
     redraw_every: float = 0.5
 
-    def __init__(self, trainer=None, steps: int | None = None, *, result: TrainingHistory | None = None) -> None:
+    def __init__(self, trainer: MultiTaskTrainer | None = None, steps: int | None = None, *,
+                 result: TrainingHistory | None = None, runs: Mapping[str, TrainingHistory] | None = None) -> None:
         if (trainer is None) == (result is None):
             raise WorkbenchError("ConflictMonitor takes a trainer (live) or result= (a saved training history), "
                                  "one of them")
@@ -71,55 +85,76 @@ class ConflictMonitor(W.VBox):
             raise WorkbenchError(f"result must be a training history (kind 'mtl_history'), got {result!r}")
         if trainer is not None and steps is None:
             raise WorkbenchError("a live ConflictMonitor needs steps: the step to train up to")
-        self.trainer, self.steps, self._result = trainer, steps, result
+        runs = dict(runs or {})
+        for name, h in runs.items():
+            if not isinstance(h, TrainingHistory):
+                raise WorkbenchError(f"runs must map names to training histories; {name!r} is a {type(h).__name__}")
+        self.trainer, self.steps, self._result, self.runs = trainer, steps, result, runs
+        self.chunk = int(steps) if steps else 0  # how far "start" trains on once the run has reached "until step"
         self.thread: threading.Thread | None = None
         self.error: Exception | None = None
         self._note = ""
         self._busy = False
         self._last_draw = 0.0
-        hist = self.history
+        self._lock = threading.RLock()
+        hist = self._hist = self.history
         tasks, blocks = hist.coord("task"), hist.coord("block")
-        self.matrices = go.FigureWidget(conflict_matrices(hist))
-        self.series = go.FigureWidget(conflict_series(hist))
-        self.blocks = go.FigureWidget(block_bars(hist))
+        self.cosines = responsive_figure(cosine_matrix(hist))
+        self.affinity = responsive_figure(affinity_matrix(hist))
+        self.series = responsive_figure(conflict_series(hist))
+        self.blocks = responsive_figure(block_bars(hist))
+        self.overlay = responsive_figure(runs_overlay(runs)) if runs else None
         n = len(hist.coord("step"))
-        self.step_slider = W.IntSlider(value=max(n - 1, 0), min=0, max=max(n - 1, 0), description="record",
-                                       continuous_update=False, readout=False)
+        self.step_slider = full_label(W.IntSlider(value=max(n - 1, 0), min=0, max=max(n - 1, 0), description="record",
+                                                  continuous_update=False, readout=False,
+                                                  tooltip="pick any recorded step to look back at"))
         self.step_label = W.Label()
-        self.pair_select = W.Dropdown(
-            options=[("mean over pairs", ())] + [(f"{a} vs {b}", (a, b)) for a, b in itertools.combinations(tasks, 2)],
-            value=(), description="tasks")
-        self.block_select = W.Dropdown(options=[("all blocks", ALL_BLOCKS)] + [(b, b) for b in blocks],
-                                       value=ALL_BLOCKS, description="block")
+        self.pair_select = full_label(W.Dropdown(
+            options=[("mean over pairs", ())] + [(f"{a} vs {b}", (a, b)) for a, b in task_pairs(hist)],
+            value=(), description="tasks", layout=W.Layout(width="auto")))
+        self.block_select = full_label(W.Dropdown(options=[("all blocks", ALL_BLOCKS)] + [(b, b) for b in blocks],
+                                                  value=ALL_BLOCKS, description="block", layout=W.Layout(width="auto")))
+        self.smooth_slider = full_label(W.FloatSlider(value=0.0, min=0.0, max=0.95, step=0.05, description="smoothing",
+                                                      continuous_update=False, readout_format=".2f"))
         self.status = W.HTML()
-        controls = [W.HBox([self.step_slider, self.step_label, self.pair_select, self.block_select])]
+        rows = []
         if trainer is not None:
-            self.next_aggregator = W.Dropdown(options=list(STATELESS + STATEFUL), value=trainer.aggregator,
-                                              description="next run")
-            self.until = W.IntText(value=steps, description="until step")
+            self.next_aggregator = full_label(W.Dropdown(options=aggregator_names(), value=trainer.aggregator,
+                                                         description="next run", layout=W.Layout(width="auto")))
+            self.until = full_label(W.IntText(value=steps, description="until step", layout=W.Layout(width="170px")))
             self.until.observe(lambda c: setattr(self, "steps", int(c["new"])), "value")
-            self.start_button = W.Button(description="start", button_style="success")
-            self.stop_button = W.Button(description="stop", button_style="warning")
+            self.start_button = W.Button(description="start", button_style="success", icon="play",
+                                         tooltip="train up to 'until step' with the 'next run' aggregator")
+            self.stop_button = W.Button(description="stop", button_style="warning", icon="stop",
+                                        tooltip="stop after the current step")
             self.start_button.on_click(lambda _b: self.start())
             self.stop_button.on_click(lambda _b: self.stop())
-            controls.insert(0, W.HBox([self.start_button, self.stop_button, self.next_aggregator, self.until,
-                                       self.status]))
+            rows.append(controls_row([self.start_button, self.stop_button, self.next_aggregator, self.until]))
             trainer.callbacks.append(self._on_record)
-        else:
-            controls.insert(0, self.status)
-        super().__init__([*controls, self.matrices, self.series, self.blocks])
-        self._hist = hist
+        rows += [self.status,
+                 controls_row([self.step_slider, self.step_label, self.pair_select, self.block_select,
+                               self.smooth_slider])]
+        figures = [wrap_box([self.cosines, self.affinity], min_width=360), wrap_box([self.series], min_width=600),
+                   wrap_box([self.blocks], min_width=400)]
+        if self.overlay is not None:
+            figures.append(wrap_box([self.overlay], min_width=600))
+        self.export_box = export_controls(self, "conflict_monitor.html")
+        super().__init__([*rows, *figures, self.export_box], layout=W.Layout(width="100%"))
+        self.add_class("wb-conflict-monitor")
         traitlets.link((self.pair_select, "value"), (self, "task_pair"))
         traitlets.link((self.block_select, "value"), (self, "block"))
+        traitlets.link((self.smooth_slider, "value"), (self, "smoothing"))
         self.step_slider.observe(self._on_slider, "value")
         self.observe(self._on_step, "step")
-        self.observe(lambda _c: self._draw(), ["task_pair", "block"])
+        self.observe(lambda c: self._draw(parts=DEPENDS[c["name"]]), list(DEPENDS))
         self._refresh()
 
     @classmethod
-    def from_result(cls, result: TrainingHistory) -> "ConflictMonitor":
-        """A monitor of a saved run (``Result.load(path)``): the same figures, no model."""
-        return cls(result=result)
+    def from_result(cls, result: TrainingHistory, runs: Mapping[str, TrainingHistory] | None = None
+                    ) -> "ConflictMonitor":
+        """A monitor of a saved run (``Result.load(path)``): the same figures, no model;
+        ``runs``: more saved runs to overlay."""
+        return cls(result=result, runs=runs)
 
     @property
     def history(self) -> TrainingHistory:
@@ -130,20 +165,26 @@ class ConflictMonitor(W.VBox):
 
     def start(self, background: bool = True) -> None:
         """Train up to ``steps`` (in a background thread unless ``background=False``) with
-        the aggregator chosen under "next run"."""
+        the aggregator chosen under "next run". A run already at ``steps`` goes on for as
+        many steps as its first stretch (``until step`` moves; the status says so)."""
         if self.trainer is None:
             raise WorkbenchError("this monitor shows a saved history; there is no trainer to start")
         if self.thread is not None and self.thread.is_alive():
-            return
-        self.error, self._note = None, ""
-        tr = self.trainer
-        if tr.step_count >= self.steps:
-            self._note = (f"the run has reached step {tr.step_count} of {self.steps}: raise 'until step' to train on")
+            self._note = "already training: press stop first to change the aggregator"
             self._status()
             return
-        if self.next_aggregator.value != tr.aggregator:
-            tr.set_aggregator(self.next_aggregator.value)
-            self._note = f"{tr.aggregator} from step {tr.step_count}"
+        self.error, notes = None, []
+        tr = self.trainer
+        if tr.step_count >= self.steps:
+            more = max(self.chunk, tr.monitor_every, 1)
+            notes.append(f"the run had reached step {tr.step_count} of {self.steps}; training on to step "
+                         f"{tr.step_count + more}")
+            self.until.value = tr.step_count + more  # sets self.steps
+        chosen = self.next_aggregator.value
+        if chosen != tr.aggregator:
+            tr.set_aggregator(chosen)
+        notes.append(f"{tr.aggregator} from step {tr.step_count}")
+        self._note = "; ".join(notes)
 
         def work():
             try:
@@ -156,9 +197,10 @@ class ConflictMonitor(W.VBox):
         if background:
             self.thread = threading.Thread(target=work, daemon=True)
             self.thread.start()
+            self._status(running=True)
         else:
+            self._status(running=True)
             work()
-        self._status()
 
     def stop(self) -> None:
         if self.trainer is not None:
@@ -175,10 +217,13 @@ class ConflictMonitor(W.VBox):
             runs = ", ".join(f"{a['aggregator']} from step {a['from_step']}" for a in h.attrs.get("aggregators", []))
             text = (f"saved run: {len(steps)} monitored steps" + (f" up to step {steps[-1]}" if steps else "")
                     + f", {h.attrs.get('trained_steps', '?')} steps trained ({html.escape(runs)})")
+            if self.runs:
+                text += f"; {len(self.runs)} runs overlaid below ({html.escape(', '.join(map(str, self.runs)))})"
         else:
             if running is None:
                 running = self.thread is not None and self.thread.is_alive()
-            text = f"step {self.trainer.step_count}/{self.steps} ({'running' if running else 'idle'})"
+            state = "<b>working...</b> training" if running else "idle"
+            text = f"step {self.trainer.step_count}/{self.steps} ({state})"
             if self._note:
                 text += f": {html.escape(self._note)}"
             if self.error is not None:
@@ -193,18 +238,19 @@ class ConflictMonitor(W.VBox):
 
     def _refresh(self) -> None:
         """Take in new records: the slider's range and, with ``follow``, the shown step."""
-        self._hist = hist = self.history
-        steps = hist.coord("step")
-        self._busy = True
-        try:
-            self.step_slider.max = max(len(steps) - 1, 0)
-            if steps and (self.follow or self.step is None):
-                self.step = steps[-1]
-            if self.step is not None:
-                self.step_slider.value = steps.index(self.step)
-        finally:
-            self._busy = False
-        self._draw(hist)
+        with self._lock:
+            self._hist = hist = self.history
+            steps = hist.coord("step")
+            self._busy = True
+            try:
+                self.step_slider.max = max(len(steps) - 1, 0)
+                if steps and (self.follow or self.step is None):
+                    self.step = steps[-1]
+                if self.step is not None:
+                    self.step_slider.value = steps.index(self.step)
+            finally:
+                self._busy = False
+            self._draw(hist)
 
     def _on_slider(self, change) -> None:
         if self._busy:
@@ -218,7 +264,7 @@ class ConflictMonitor(W.VBox):
             return
         steps = self._hist.coord("step")
         self.follow = bool(steps) and change["new"] == steps[-1]  # picking the latest record follows new ones
-        self._draw()
+        self._draw(parts=("cosines", "affinity", "blocks"))
 
     @traitlets.validate("step")
     def _valid_step(self, proposal):
@@ -235,19 +281,45 @@ class ConflictMonitor(W.VBox):
             raise traitlets.TraitError(f"task_pair must be two different tasks of {tasks}, or ()")
         return tuple(sorted(pair, key=tasks.index))  # cosines are symmetric: one order, the tasks'
 
-    def _draw(self, hist: TrainingHistory | None = None) -> None:
+    @traitlets.validate("smoothing")
+    def _valid_smoothing(self, proposal):
+        value = float(proposal["value"])
+        if not 0.0 <= value < 1.0:
+            raise traitlets.TraitError(f"smoothing must be in [0, 1), got {value}")
+        return value
+
+    def _draw(self, hist: TrainingHistory | None = None, parts=FIGURES) -> None:
+        """Redraw the figures named in ``parts`` (all of them by default: new records)."""
         if self._busy:
             return
-        self._hist = hist = self.history if hist is None else hist
-        if self.step is not None:
-            self._busy = True
-            try:
-                self.step_slider.value = hist.coord("step").index(self.step)
-            finally:
-                self._busy = False
-        self.step_label.value = "no record yet" if self.step is None else f"step {self.step}"
-        _redraw(self.matrices, conflict_matrices(hist, step=self.step, block=self.block))
-        _redraw(self.series, conflict_series(hist, task_pair=self.task_pair, block=self.block))
-        _redraw(self.blocks, block_bars(hist, step=self.step, task_pair=self.task_pair))
-        self._last_draw = time.monotonic()
-        self._status()
+        with self._lock:
+            self._hist = hist = self.history if hist is None else hist
+            if self.step is not None:
+                self._busy = True
+                try:
+                    self.step_slider.value = hist.coord("step").index(self.step)
+                finally:
+                    self._busy = False
+            self.step_label.value = "no record yet" if self.step is None else f"step {self.step}"
+            if "cosines" in parts:
+                redraw_figure(self.cosines, cosine_matrix(hist, step=self.step, block=self.block))
+            if "affinity" in parts:
+                redraw_figure(self.affinity, affinity_matrix(hist, step=self.step))
+            if "series" in parts:
+                redraw_figure(self.series, conflict_series(hist, task_pair=self.task_pair, block=self.block,
+                                                           smoothing=self.smoothing))
+            if "blocks" in parts:
+                redraw_figure(self.blocks, block_bars(hist, step=self.step, task_pair=self.task_pair))
+            if self.overlay is not None and "overlay" in parts:
+                block = self.block if all(self.block in h.coord("block") for h in self.runs.values()) else ALL_BLOCKS
+                redraw_figure(self.overlay, runs_overlay(self.runs, smoothing=self.smoothing, block=block))
+            self._last_draw = time.monotonic()
+            self._status()
+
+    def export_html(self, path):
+        """Write the current view (every figure, plotly.js inlined, the selection as text)
+        to one standalone HTML file that opens offline."""
+        return write_html(self, path, title="ConflictMonitor")
+
+
+__all__ = ["ConflictMonitor", "aggregator_names"]

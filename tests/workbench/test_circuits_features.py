@@ -69,6 +69,31 @@ def test_steering_known_answer(linear, pairs):  # noqa: F811
     assert r.change == pytest.approx(float(want.mean()), rel=1e-4)
     with pytest.raises(WorkbenchError, match="positions"):
         steer(linear, sae, 5, 1.0, clean, metric, positions="first")
+    assert "top_after" not in r.attrs
+
+
+def test_steering_lists_what_the_model_says_next(linear, pairs):  # noqa: F811
+    """top_k: the most probable next tokens (probability averaged over prompts at the last
+    position) before and after; a strong push along a token's unembedding makes it first."""
+    from workbench.tokens import token_strings
+
+    clean, _, metric = pairs
+    sae = random_sae(32, 16, "resid_post.1", seed=4)
+    W_U = linear.W_U.detach()
+    target = int(W_U.T.norm(dim=1).argmax())
+    with torch.no_grad():
+        sae.W_dec[5] = W_U[:, target] / W_U[:, target].norm()
+    r = steer(linear, sae, 5, 200.0, clean, metric, positions="last", top_k=4)
+    batch = linear.tokenize(clean)
+    probs = torch.softmax(linear.logits(batch)[torch.arange(len(clean)), batch.last].float(), -1).mean(0)
+    top = probs.topk(4)
+    want = token_strings(linear.tokenizer, top.indices.tolist())
+    assert [t for t, _ in r.attrs["top_before"]] == want
+    assert np.allclose([p for _, p in r.attrs["top_before"]], top.values.numpy(), rtol=1e-5)
+    assert r.attrs["top_after"][0][0] == token_strings(linear.tokenizer, [target])[0]
+    assert r.attrs["top_after"][0][1] > 0.9
+    with pytest.raises(WorkbenchError, match="top_k"):
+        steer(linear, sae, 5, 1.0, clean, metric, top_k=-1)
 
 
 def test_shift_ablation_known_answer(linear, pairs):  # noqa: F811

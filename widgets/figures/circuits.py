@@ -12,11 +12,14 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from widgets.figures.tokens import tokens_html
 
-MARGIN = dict(l=10, r=10, t=40, b=10)
+MARGIN = dict(l=10, r=10, t=64, b=10)
 EDGE_WIDTHS = (1.0, 2.5, 5.0)  # edge widths, by |weight| tercile of the strongest edge
-NODE_TRACE = 6  # traces 0-5: edges (sign x width); 6: nodes; 7: the selection ring
+EDGE_HOVER = 6  # traces 0-5: edges (sign x width); 6: edge midpoints (hover: weight); 7: nodes; 8: the selection ring
+NODE_TRACE = 7
+ROW_PX = 30  # vertical room per node row while the graph is small enough
+MAX_HEIGHT = 900
+POSITIVE, NEGATIVE = "rgba(31,119,180,0.55)", "rgba(214,39,40,0.55)"
 
 
 def circuit_layout(graph, node_threshold: float, edge_threshold: float):
@@ -31,6 +34,20 @@ def circuit_layout(graph, node_threshold: float, edge_threshold: float):
         for r, i in enumerate(col):
             pos[i] = (c, r)
     return pos, edges
+
+
+def circuit_rows(pos) -> int:
+    """Rows of the tallest column (at least 1)."""
+    return max([r for _, r in pos.values()], default=0) + 1
+
+
+def circuit_geometry(n_rows: int) -> dict:
+    """Figure height, pixels per row and the largest node diameter that keeps nodes of
+    one column apart (no two markers overlap, so a click lands on the node under it)."""
+    plot = min(max(ROW_PX * n_rows, 300), MAX_HEIGHT - MARGIN["t"] - MARGIN["b"] - 30)
+    per_row = plot / n_rows
+    return {"height": int(plot + MARGIN["t"] + MARGIN["b"] + 30), "row_px": per_row,
+            "max_size": max(3.0, min(30.0, 0.8 * per_row)), "labels": per_row >= 12}
 
 
 def edge_segments(graph, pos, edges) -> dict[tuple[int, int], tuple[list, list]]:
@@ -56,44 +73,80 @@ def circuit_title(graph, pos, edges) -> str:
     return f"circuit: {len(pos)} nodes ({n_err} error), {len(edges)} edges"
 
 
+def node_labels(graph, summaries=(), n_tokens: int = 3) -> dict[int, str]:
+    """Short labels of nodes that have a ``FeatureSummary``: the tokens the feature
+    promotes most (escaped); error nodes are labelled "err"."""
+    index = {name: i for i, name in enumerate(graph.coord("node"))}
+    out = {i: "err" for i, f in enumerate(graph["feature"]) if int(f) < 0}
+    for s in summaries:
+        i = index.get(f"{s.attrs['site']}/{int(s.attrs['feature'])}")
+        if i is not None and s.attrs.get("promoted"):
+            out[i] = " ".join(html.escape(t.strip() or repr(t)) for t in s.attrs["promoted"][:n_tokens])
+    return out
+
+
 def circuit_figure(graph, node_threshold: float | None = None, edge_threshold: float | None = None,
-                   selected: int | None = None) -> go.Figure:
-    """The layered circuit graph at the given thresholds (default: the graph's own):
-    traces 0-5 edges (sign x width), trace 6 nodes (``customdata[k][0]`` is the node
-    index), trace 7 a ring around the ``selected`` node index when it is shown."""
+                   selected: int | None = None, labels: dict[int, str] | None = None) -> go.Figure:
+    """The layered circuit graph at the given thresholds (default: the graph's own).
+
+    Traces 0-5: edges (sign x width; blue positive, red negative); 6: a marker at each
+    edge's midpoint whose hover gives its weight and ends; 7: the nodes, coloured by the
+    sign and size of their effect (``customdata[k][0]`` is the node index; text: its
+    label from ``labels`` {node index: text}, else its feature id); 8: a ring around the
+    ``selected`` node index when it is shown. The height grows with the tallest column
+    and node sizes stay below the row spacing, so nodes never overlap."""
     nt = graph.attrs["node_threshold"] if node_threshold is None else node_threshold
     et = graph.attrs["edge_threshold"] if edge_threshold is None else edge_threshold
+    labels = labels or {}
     pos, edges = circuit_layout(graph, nt, et)
+    geo = circuit_geometry(circuit_rows(pos))
     lim = float(np.abs(graph["effect"]).max()) or 1.0
+    names = graph.coord("node")
     traces = []
     for (sign, b), (xs, ys) in edge_segments(graph, pos, edges).items():
         traces.append(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
-                                 line=dict(width=EDGE_WIDTHS[b], color="rgba(31,119,180,0.55)" if sign > 0
-                                           else "rgba(214,39,40,0.55)")))
-    idx = sorted(pos, key=lambda i: pos[i])
-    eff, feat, names = graph["effect"], graph["feature"], graph.coord("node")
-    top = float(np.abs(eff[idx]).max()) if idx else 1.0
+                                 line=dict(width=EDGE_WIDTHS[b], color=POSITIVE if sign > 0 else NEGATIVE)))
+    w, src, dst = graph["edge_weight"], graph["edge_src"], graph["edge_dst"]
+    mid = [e for e in edges if int(src[e]) in pos and int(dst[e]) in pos]
     traces.append(go.Scatter(
-        x=[pos[i][0] for i in idx], y=[pos[i][1] for i in idx],
-        text=["err" if int(feat[i]) < 0 else str(int(feat[i])) for i in idx],
-        customdata=[[i, html.escape(names[i]), float(eff[i])] for i in idx], mode="markers+text",
-        textposition="middle right", showlegend=False,
-        marker=dict(color=[float(eff[i]) for i in idx], size=[10 + 22 * abs(float(eff[i])) / (top or 1.0) for i in idx],
+        x=[(pos[int(src[e])][0] + pos[int(dst[e])][0]) / 2 for e in mid],
+        y=[(pos[int(src[e])][1] + pos[int(dst[e])][1]) / 2 for e in mid],
+        customdata=[[html.escape(names[int(src[e])]), html.escape(names[int(dst[e])]), float(w[e])] for e in mid],
+        mode="markers", showlegend=False,
+        marker=dict(size=7, opacity=0.35, color=[POSITIVE if w[e] >= 0 else NEGATIVE for e in mid]),
+        hovertemplate="edge %{customdata[0]} &rarr; %{customdata[1]}<br>weight %{customdata[2]:+.4f}<extra></extra>"))
+    idx = sorted(pos, key=lambda i: pos[i])
+    eff, feat = graph["effect"], graph["feature"]
+    top = float(np.abs(eff[idx]).max()) if idx else 1.0
+    big = geo["max_size"]
+    small = min(8.0, big)
+    text = [labels.get(i, "err" if int(feat[i]) < 0 else str(int(feat[i]))) for i in idx]
+    traces.append(go.Scatter(
+        x=[pos[i][0] for i in idx], y=[pos[i][1] for i in idx], text=text if geo["labels"] else None,
+        customdata=[[i, html.escape(names[i]), float(eff[i]), labels.get(i, "")] for i in idx],
+        mode="markers+text" if geo["labels"] else "markers", textposition="middle right", showlegend=False,
+        textfont=dict(size=11), cliponaxis=False,
+        marker=dict(color=[float(eff[i]) for i in idx],
+                    size=[small + (big - small) * abs(float(eff[i])) / (top or 1.0) for i in idx],
                     symbol=["diamond" if int(feat[i]) < 0 else "circle" for i in idx], colorscale="RdBu",
-                    cmin=-lim, cmax=lim, line=dict(width=1, color="#333"), colorbar=dict(title="effect", thickness=12)),
-        hovertemplate="%{customdata[1]}<br>effect %{customdata[2]:.4f}<extra></extra>",
+                    cmin=-lim, cmax=lim, line=dict(width=1, color="#333"),
+                    colorbar=dict(title=dict(text="effect", side="right"), thickness=12, x=1.0, xpad=6, len=0.9)),
+        hovertemplate="%{customdata[1]}<br>effect %{customdata[2]:+.4f}<br>%{customdata[3]}<extra></extra>",
     ))
     ring = [pos[selected]] if selected in pos else []
     traces.append(go.Scatter(x=[p[0] for p in ring], y=[p[1] for p in ring], mode="markers", hoverinfo="skip",
                              showlegend=False,
-                             marker=dict(symbol="circle-open", size=30, color="black", line=dict(width=3))))
+                             marker=dict(symbol="circle-open", size=big + 10, color="black", line=dict(width=3))))
     fig = go.Figure(traces)
     sites = [html.escape(s) for s in graph.sites]
+    rows = circuit_rows(pos)
     fig.update_layout(
-        title=circuit_title(graph, pos, edges), height=460, margin=MARGIN, plot_bgcolor="white",
-        xaxis=dict(tickmode="array", tickvals=list(range(len(sites))), ticktext=sites, range=[-0.5, len(sites) - 0.3],
-                   showgrid=False, zeroline=False),
-        yaxis=dict(autorange="reversed", showticklabels=False, showgrid=False, zeroline=False, title="rank by effect"),
+        title=circuit_title(graph, pos, edges), height=geo["height"], margin=MARGIN, plot_bgcolor="white",
+        hovermode="closest", dragmode="pan",
+        xaxis=dict(tickmode="array", tickvals=list(range(len(sites))), ticktext=sites, range=[-0.4, len(sites) - 0.2],
+                   showgrid=False, zeroline=False, fixedrange=False),
+        yaxis=dict(range=[rows - 0.5, -0.5], showticklabels=False, showgrid=False, zeroline=False,
+                   title="rank by effect (most negative at the top)"),
     )
     return fig
 
@@ -111,22 +164,25 @@ def histogram_title(summary) -> str:
             f"max {a['max_activation']:.2f}")
 
 
-def activation_histogram(summary=None, note: str = "") -> go.Figure:
-    """Histogram of a feature's positive activations (a FeatureSummary); empty, titled
-    ``note``, without one."""
+def activation_histogram(summary=None, note: str = "", log: bool = True) -> go.Figure:
+    """Histogram of a feature's positive activations (a FeatureSummary), token counts on a
+    log scale (``log``) so the rare strong activations show beside the many weak ones;
+    empty, titled ``note``, without one."""
     if summary is None:
         x, y, width, title = [], [], [], note or "activations"
     else:
         left, right = summary["bin_left"], summary["bin_right"]
         x, y, width, title = (left + right) / 2, summary["count"], right - left, histogram_title(summary)
     fig = go.Figure(go.Bar(x=x, y=y, width=width, marker_color="#1f77b4",
-                           hovertemplate="%{x:.3f}: %{y} tokens<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="activation", yaxis_title="tokens", height=260, margin=MARGIN, bargap=0)
+                           hovertemplate="activation %{x:.3f}: %{y} tokens<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="activation", height=280, margin=MARGIN, bargap=0,
+                      yaxis=dict(title="tokens (log scale)" if log else "tokens", type="log" if log else "linear"))
     return fig
 
 
 def logit_effect_bars(summary=None) -> go.Figure:
-    """Tokens the feature's decoder direction promotes (right) and suppresses (left)."""
+    """Tokens the feature's decoder direction promotes (blue, right) and suppresses (red,
+    left), labels in full (the axis makes room for them)."""
     a = summary.attrs if summary is not None else {}
     promoted, suppressed = a.get("promoted", []), a.get("suppressed", [])
     p = list(summary["promoted_logit"]) if promoted else []
@@ -135,25 +191,67 @@ def logit_effect_bars(summary=None) -> go.Figure:
         x=p[::-1] + s, y=[f"+ {html.escape(t)}" for t in promoted[::-1]] + [f"- {html.escape(t)}" for t in suppressed],
         orientation="h", marker_color=["#1f77b4"] * len(p) + ["#d62728"] * len(s),
         hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
-    fig.update_layout(title="logit effect (decoder direction through the unembedding)", height=360, margin=MARGIN,
-                      yaxis=dict(type="category"))
+    fig.update_layout(title="logit effect (decoder direction through the unembedding)",
+                      height=max(260, 90 + 18 * (len(p) + len(s))), margin=MARGIN,
+                      yaxis=dict(type="category", automargin=True), xaxis_title="logit change per unit activation")
     return fig
 
 
+def logit_lists_html(summary=None) -> str:
+    """The top and bottom logits as two text lists (token and value), as sae_vis shows them."""
+    if summary is None or not summary.attrs.get("promoted"):
+        return "<i>no logit effect (the model has no unembedding, or no summary)</i>"
+
+    def column(title, tokens, values, color):
+        rows = "".join(f'<tr><td style="font-family:monospace;white-space:pre;padding:0 6px">{html.escape(t)}</td>'
+                       f'<td style="text-align:right;color:{color}">{float(v):+.3f}</td></tr>'
+                       for t, v in zip(tokens, values))
+        return (f'<div style="flex:1 1 160px;min-width:140px"><b>{title}</b>'
+                f'<table style="border-collapse:collapse">{rows}</table></div>')
+
+    a = summary.attrs
+    return ('<div class="wb-logit-lists" style="display:flex;flex-flow:row wrap;gap:4px 16px">'
+            + column("top logits (promoted)", a["promoted"], summary["promoted_logit"], "#1f77b4")
+            + column("bottom logits (suppressed)", a["suppressed"], summary["suppressed_logit"], "#d62728")
+            + "</div>")
+
+
+def activation_tokens_html(tokens, acts, top: float, focus: int | None = None) -> str:
+    """Tokens shaded by activation / ``top``; hovering a token shows its activation value
+    (token text escaped); ``focus`` is outlined (the peak)."""
+    spans = []
+    for i, (tok, a) in enumerate(zip(tokens, acts)):
+        w = min(max(float(a) / top, 0.0), 1.0) if top else 0.0
+        border = "outline:2px solid #d62728;" if focus == i else ""
+        spans.append(f'<span class="wb-token" data-pos="{i}" title="{html.escape(tok)}: activation {float(a):.3f}" '
+                     f'style="background:rgba(31,119,180,{w:.3f});{border}padding:1px 3px;margin:1px;'
+                     f'border-radius:3px;font-family:monospace;white-space:pre">{html.escape(tok)}</span>')
+    return '<div class="wb-tokens" style="line-height:2">' + "".join(spans) + "</div>"
+
+
+def colour_key_html(top: float) -> str:
+    """The shading of the contexts: 0 to the strongest activation shown."""
+    return ('<div style="display:flex;align-items:center;gap:6px;font-size:12px;color:#555">activation 0'
+            '<span style="display:inline-block;width:140px;height:10px;border:1px solid #ccc;'
+            'background:linear-gradient(to right, rgba(31,119,180,0), rgba(31,119,180,1))"></span>'
+            f'{top:.2f} (hover a token for its value; the outlined token is the peak)</div>')
+
+
 def contexts_html(summary) -> str:
-    """Top-activating contexts grouped by quantile, tokens shaded by activation."""
+    """Top-activating contexts grouped by quantile, tokens shaded by activation (hover: the
+    value), with a colour key."""
     ex = summary.examples
     if not ex:
         return "<i>this feature never fires on these texts</i>"
     top = max(e["activation"] for e in ex) or 1.0
-    parts, q_seen = [], None
+    parts, q_seen = [colour_key_html(top)], None
     for e in ex:
         if e["quantile"] != q_seen:
             q_seen = e["quantile"]
             lo, hi = e["range"]
             parts.append(f'<div style="margin-top:6px;color:#555">quantile {q_seen} ({lo:.2f} to {hi:.2f})</div>')
-        parts.append(f'<div title="activation {e["activation"]:.3f}">'
-                     + tokens_html(e["tokens"], np.asarray(e["acts"]) / top, focus=e["focus"]) + "</div>")
+        parts.append(f'<div title="peak activation {e["activation"]:.3f}">'
+                     + activation_tokens_html(e["tokens"], e["acts"], top, focus=e["focus"]) + "</div>")
     return "".join(parts)
 
 
@@ -208,3 +306,25 @@ def metric_text(result, threshold: float | None = None) -> str:
                 f"{a['metric_empty']:.3f})")
     before, after = float(result["before"].mean()), float(result["after"].mean())
     return f"{intervention_text(result)}: metric {before:.3f} &rarr; {after:.3f} ({after - before:+.3f})"
+
+
+def next_tokens_html(intervention=None) -> str:
+    """What the model says next before and after steering (an ``Intervention`` of
+    :func:`workbench.circuits.steer` with ``top_k``): two ranked lists of tokens with their
+    mean probability at the last position; tokens that rose into the list are bold."""
+    a = intervention.attrs if intervention is not None else {}
+    if "top_after" not in a:
+        return ""
+    before = {t for t, _ in a["top_before"]}
+
+    def column(title, rows, mark):
+        body = "".join(
+            f'<tr><td style="font-family:monospace;white-space:pre;padding:0 6px;'
+            f'{"font-weight:bold" if mark and t not in before else ""}">{html.escape(t)}</td>'
+            f'<td style="text-align:right">{p:.1%}</td></tr>' for t, p in rows)
+        return (f'<div style="flex:1 1 160px;min-width:140px"><b>{title}</b>'
+                f'<table style="border-collapse:collapse">{body}</table></div>')
+
+    return ('<div class="wb-next-tokens" style="display:flex;flex-flow:row wrap;gap:4px 16px">'
+            + column("model says next (before)", a["top_before"], False)
+            + column(f"after {intervention_text(intervention)}", a["top_after"], True) + "</div>")

@@ -191,10 +191,13 @@ def steer(
     *,
     site: str | None = None,
     positions: str = "all",
+    top_k: int = 0,
 ) -> Intervention:
     """Add ``strength`` x the feature's (unit) decoder direction at its site, at every
     real token (``positions="all"``) or only the last one (``"last"``); the metric per
-    prompt before and after."""
+    prompt before and after. ``top_k`` > 0: also what the model now says, the ``top_k``
+    next tokens at each prompt's last position by probability averaged over the prompts,
+    before and after (``attrs["top_before"]``, ``attrs["top_after"]``: [[token, prob], ...])."""
     site = resolve_site(subject, sae, site)
     j = _check_feature(sae, feature)
     if positions not in ("all", "last"):
@@ -211,12 +214,29 @@ def steer(
         xf = xf + strength * mask[..., None].to(xf.dtype) * direction.to(xf.dtype)
         return unflat(xf, s, subject)
 
-    before = _per_prompt(metric, subject.logits(batch), batch)
-    after = _per_prompt(metric, subject.logits(batch, patch={site: patch}), batch)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise WorkbenchError(f"top_k must be an integer >= 0 (0: no next-token lists), got {top_k!r}")
+    clean_logits = subject.logits(batch)
+    steered_logits = subject.logits(batch, patch={site: patch})
+    before = _per_prompt(metric, clean_logits, batch)
+    after = _per_prompt(metric, steered_logits, batch)
     params = {"site": site, "feature": j, "strength": strength, "positions": positions}
+    extra = {}
+    if top_k:
+        extra = {"top_before": _top_next(subject, clean_logits, batch, top_k),
+                 "top_after": _top_next(subject, steered_logits, batch, top_k)}
     return Intervention(dims={"prompt": list(range(len(batch)))},
                         data={"before": (("prompt",), before), "after": (("prompt",), after)},
-                        attrs={**params, "kind": "steer"}, provenance=provenance(subject, params=params))
+                        attrs={**params, "kind": "steer", **extra}, provenance=provenance(subject, params=params))
+
+
+def _top_next(subject, logits, batch, k: int) -> list[list]:
+    """The ``k`` most probable next tokens at each prompt's last position, by probability
+    averaged over the prompts: [[token, probability], ...]."""
+    last = logits[torch.arange(len(batch)), batch.last].float()
+    probs = torch.softmax(last, dim=-1).mean(0)
+    top = probs.topk(min(k, probs.numel()))
+    return [[t, float(p)] for t, p in zip(token_strings(subject.tokenizer, top.indices.tolist()), top.values.tolist())]
 
 
 @torch.no_grad()
