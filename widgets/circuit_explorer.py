@@ -40,7 +40,7 @@ import numpy as np
 import traitlets
 
 from widgets.common import (
-    controls_row, full_label, needs, reason_html, redraw_figure, responsive_figure, wrap_box,
+    controls_row, full_label, needs, reason_html, responsive_figure, update_in_place, wrap_box,
 )
 from widgets.export import export_controls
 from widgets.export import export_html as write_html
@@ -176,14 +176,14 @@ class FeatureDashboard(W.VBox):
             self.title.value = f"<b>{html.escape(note)}</b> " + reason_html(self.offline)
             self.contexts.value = ""
             self.logit_lists.value = ""
-            redraw_figure(self.histogram, activation_histogram(None, note=html.escape(note)))
-            redraw_figure(self.logits, logit_effect_bars())
+            update_in_place(self.histogram, activation_histogram(None, note=html.escape(note)))
+            update_in_place(self.logits, logit_effect_bars())
             return
         self.title.value = summary_title(s)
         self.contexts.value = contexts_html(s)
         self.logit_lists.value = logit_lists_html(s)
-        redraw_figure(self.histogram, activation_histogram(s))
-        redraw_figure(self.logits, logit_effect_bars(s))
+        update_in_place(self.histogram, activation_histogram(s))
+        update_in_place(self.logits, logit_effect_bars(s))
 
     def export_html(self, path):
         """Write the current dashboard (contexts inline, figures with plotly.js inlined) to
@@ -335,7 +335,7 @@ class CircuitExplorer(W.VBox):
     def redraw(self) -> None:
         figure = circuit_figure(self.graph, self.node_threshold, self.edge_threshold, self.selected,
                                 labels=self._labels())
-        redraw_figure(self.figure, figure)
+        update_in_place(self.figure, figure)
 
     def edges_complete(self) -> bool:
         """Whether every edge at the current thresholds was computed (the graph was built at
@@ -448,13 +448,13 @@ class CircuitExplorer(W.VBox):
 
     def _show_metric(self, result) -> None:
         threshold = self.node_threshold if result.kind == "faithfulness" else None
-        redraw_figure(self.bars, metric_bars(result, threshold))
+        update_in_place(self.bars, metric_bars(result, threshold))
         self.status.value = metric_text(result, threshold)
         self.next_tokens.value = next_tokens_html(result) if result.kind != "faithfulness" else ""
         self.last = result
 
     def _clear_metric(self) -> None:
-        redraw_figure(self.bars, metric_bars())
+        update_in_place(self.bars, metric_bars())
         self.status.value = ""
         self.next_tokens.value = ""
         self.last = None

@@ -7,6 +7,7 @@ always what the builder draws from the same results."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
 from copy import deepcopy
@@ -182,54 +183,39 @@ def full_label(control: W.Widget, width: str = "initial") -> W.Widget:
 def update_in_place(widget: go.FigureWidget, figure: go.Figure) -> None:
     """Make ``widget`` show ``figure`` (same number of traces), in one batch: each trace's
     properties are replaced (those the new trace lacks are cleared); layout properties are
-    merged, so the user's zoom survives; click handlers stay attached."""
+    merged, so the user's zoom survives; click handlers stay attached.
+
+    plotly sends an update as a message that only views already on screen apply. While no
+    view has drawn the figure (a widget that draws in its constructor, a cell that trains
+    before showing its monitor), the change therefore goes out as one state message that
+    also holds the whole figure (:func:`sync_state`): a view created later opens with it,
+    and no update lands on a front-end model that is still starting (which breaks it:
+    "[anywidget] Failed to initialize model", empty axes). Once a view is on screen
+    (``drawn``, or the front end counts a view), updates go as plotly's own, small messages."""
     if len(widget.data) != len(figure.data):
         raise ValueError(f"the widget has {len(widget.data)} traces, the new figure {len(figure.data)}")
     figure = fit_layout(go.Figure(figure))
-    with widget.batch_update():
-        for old, new in zip(widget.data, figure.data):
-            props = {k: json_safe(v) for k, v in new.to_plotly_json().items() if k not in _SKIP}
-            for k in old.to_plotly_json():
-                if k not in props and k not in _SKIP:
-                    old[k] = None
-            for k, v in props.items():
-                old[k] = v
-        layout = {k: json_safe(v) for k, v in figure.layout.to_plotly_json().items() if k != "template"}
-        widget.layout.update(layout)
-    if getattr(widget, "drawn", True) is False:
-        # not drawn yet (e.g. updated in the cell that builds it, inside a box): the front end may
-        # not listen for updates until plotly's widget code has loaded, and would draw the state
-        # it was opened with (empty axes, an old title), so the full state follows the update
-        widget._widget_data = deepcopy(widget._data)
-        widget._widget_layout = deepcopy(widget._layout_obj._props)
+    on_screen = bool(getattr(widget, "_view_count", 0)) or getattr(widget, "drawn", False)
+    with (contextlib.nullcontext() if on_screen else widget.hold_sync()):
+        with widget.batch_update():
+            for old, new in zip(widget.data, figure.data):
+                props = {k: json_safe(v) for k, v in new.to_plotly_json().items() if k not in _SKIP}
+                for k in old.to_plotly_json():
+                    if k not in props and k not in _SKIP:
+                        old[k] = None
+                for k, v in props.items():
+                    old[k] = v
+            layout = {k: json_safe(v) for k, v in figure.layout.to_plotly_json().items() if k != "template"}
+            widget.layout.update(layout)
+        if not on_screen:
+            sync_state(widget)
 
 
 def sync_state(widget: go.FigureWidget) -> None:
     """Copy ``widget``'s current data and layout into the state a new front-end view is
-    drawn from. plotly sends an update as a message that only views already on screen
-    apply; a figure inside a box that is displayed after the update (a widget that draws
-    in its constructor, a notebook cell that trains before showing its monitor) would
-    otherwise come up with the state it was created with: empty axes. Call it after
-    :func:`update_in_place` (views on screen ignore it)."""
+    drawn from (what :func:`update_in_place` does while no view is on screen)."""
     widget._widget_data = json_safe(deepcopy(widget._data))
     widget._widget_layout = json_safe(deepcopy(widget._layout_obj._props))
-
-
-def redraw_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
-    """:func:`update_in_place`, then :func:`sync_state`: what a widget's callbacks call, so
-    a view created later shows the same figure. While no view is on screen (a widget that
-    draws in its constructor, a cell that trains before showing its monitor) the change
-    goes out as one state message holding the whole figure: plotly's update messages reach
-    only views on screen, and one that lands while the front end is still starting the
-    figure's model breaks that model ("[anywidget] Failed to initialize model"), leaving
-    empty axes."""
-    if widget._view_count:
-        update_in_place(widget, figure)
-        sync_state(widget)
-        return
-    with widget.hold_sync():
-        update_in_place(widget, figure)
-        sync_state(widget)
 
 
 def trace_data(figure) -> list[dict]:

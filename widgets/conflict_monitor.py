@@ -32,7 +32,7 @@ from typing import Mapping
 import ipywidgets as W
 import traitlets
 
-from widgets.common import controls_row, full_label, redraw_figure, responsive_figure, wrap_box
+from widgets.common import controls_row, full_label, responsive_figure, update_in_place, wrap_box
 from widgets.export import export_controls
 from widgets.export import export_html as write_html
 from widgets.figures.mtl import (
@@ -302,17 +302,17 @@ class ConflictMonitor(W.VBox):
                     self._busy = False
             self.step_label.value = "no record yet" if self.step is None else f"step {self.step}"
             if "cosines" in parts:
-                redraw_figure(self.cosines, cosine_matrix(hist, step=self.step, block=self.block))
+                update_in_place(self.cosines, cosine_matrix(hist, step=self.step, block=self.block))
             if "affinity" in parts:
-                redraw_figure(self.affinity, affinity_matrix(hist, step=self.step))
+                update_in_place(self.affinity, affinity_matrix(hist, step=self.step))
             if "series" in parts:
-                redraw_figure(self.series, conflict_series(hist, task_pair=self.task_pair, block=self.block,
+                update_in_place(self.series, conflict_series(hist, task_pair=self.task_pair, block=self.block,
                                                            smoothing=self.smoothing))
             if "blocks" in parts:
-                redraw_figure(self.blocks, block_bars(hist, step=self.step, task_pair=self.task_pair))
+                update_in_place(self.blocks, block_bars(hist, step=self.step, task_pair=self.task_pair))
             if self.overlay is not None and "overlay" in parts:
                 block = self.block if all(self.block in h.coord("block") for h in self.runs.values()) else ALL_BLOCKS
-                redraw_figure(self.overlay, runs_overlay(self.runs, smoothing=self.smoothing, block=block))
+                update_in_place(self.overlay, runs_overlay(self.runs, smoothing=self.smoothing, block=block))
             self._last_draw = time.monotonic()
             self._status()
 
