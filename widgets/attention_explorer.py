@@ -28,9 +28,9 @@ import ipywidgets as W
 import traitlets
 
 from widgets.common import (
-    controls_row, full_label, member, needs, reason_html, responsive_figure, update_in_place, wrap_box,
+    TokenStrip, controls_row, full_label, member, needs, reason_html, responsive_figure, run_busy, update_in_place,
+    wrap_box,
 )
-from widgets.attention_view import AttentionStrip
 from widgets.export import export_controls
 from widgets.export import export_html as write_html
 from widgets.figures.attention import (
@@ -39,7 +39,6 @@ from widgets.figures.attention import (
 )
 
 NO_MODEL = "a model: build the explorer with subject=... (or AttentionExplorer.from_subject)"
-WORKING = "<i>working...</i>"
 
 
 def metric_name(metric) -> str:
@@ -88,7 +87,7 @@ class AttentionExplorer(W.VBox):
         self.grid = responsive_figure(score_grid(scores, kind, (layer, head)))
         self.heatmap = responsive_figure(pattern_heatmap(patterns, prompt, layer, head))
         self.overview = responsive_figure(heads_overview(patterns, prompt, (layer, head)))
-        self.tokens = AttentionStrip(layout=W.Layout(width="100%", max_width="100%"))
+        self.tokens = TokenStrip(layout=W.Layout(width="100%", max_width="100%"))
         self.ablate_button = W.Button(description="ablate", tooltip="ablate the selected head beside random heads",
                                       layout=W.Layout(width="auto"))
         self.ablate_status = W.HTML()
@@ -278,15 +277,9 @@ class AttentionExplorer(W.VBox):
             self.attribution_html.value = reason_html("attribution needs text prompts")
             return None
         prompt = self.prompt
-        self.attribution_html.value = f"{WORKING} (integrated gradients of prompt {prompt})"
-        self.attribute_button.disabled = True
-        try:
-            self._attributions[prompt] = token_attribution(self.subject, prompts[prompt])
-        except Exception as e:  # shown, and raised to the caller
-            self.attribution_html.value = f'<span style="color:#b00">{html.escape(str(e))}</span>'
-            raise
-        finally:
-            self.attribute_button.disabled = False
+        self._attributions[prompt] = run_busy(self.attribution_html, self.attribute_button,
+                                              f"integrated gradients of prompt {prompt}",
+                                              lambda: token_attribution(self.subject, prompts[prompt]))
         self._show_results()
         return self._attributions[prompt]
 
@@ -302,17 +295,10 @@ class AttentionExplorer(W.VBox):
         if not prompts:
             self.ablate_status.value = reason_html("ablation needs text prompts")
             return None
-        self.ablate_status.value = f"{WORKING} (L{self.layer}H{self.head} and {self.n_random} random draws)"
-        self.ablate_button.disabled = True
-        try:
-            self._ablations[key] = ablate_heads(self.subject, [prompts[self.prompt]], [self.selected],
-                                                metric=self.metric, replacement=self.replacement,
-                                                n_random=self.n_random, seed=self.seed)
-        except Exception as e:  # shown, and raised to the caller
-            self.ablate_status.value = f'<span style="color:#b00">{html.escape(str(e))}</span>'
-            raise
-        finally:
-            self.ablate_button.disabled = False
+        self._ablations[key] = run_busy(
+            self.ablate_status, self.ablate_button, f"L{self.layer}H{self.head} and {self.n_random} random draws",
+            lambda: ablate_heads(self.subject, [prompts[self.prompt]], [self.selected], metric=self.metric,
+                                 replacement=self.replacement, n_random=self.n_random, seed=self.seed))
         self._show_results()
         return self._ablations[key]
 

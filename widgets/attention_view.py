@@ -23,49 +23,6 @@ from widgets.export import export_html as write_html
 from widgets.figures.attention import attention_tokens_html, pattern_heatmap
 
 
-class AttentionStrip(TokenStrip):
-    """A :class:`~widgets.common.TokenStrip` of one head's attention: clicking a token picks
-    it as the query (``selected``); hovering a token shades every token by that token's
-    attention (as bertviz / CircuitsVis do; keys it cannot see are grey), and leaving the
-    strip shows the selected query's again. Its ``value`` comes from
-    :func:`widgets.figures.attention.attention_tokens_html` (which carries the pattern)."""
-
-    _esm = """
-    function render({ model, el }) {
-      let rows = null, rowsFor = null;
-      const draw = () => { el.innerHTML = model.get("value"); rows = null; rowsFor = null; };
-      draw();
-      model.on("change:value", draw);
-      el.addEventListener("click", (event) => {
-        const token = event.target.closest(".wb-token");
-        if (!token || !el.contains(token)) return;
-        model.set("selected", Number(token.dataset.pos));
-        model.save_changes();
-      });
-      el.addEventListener("mouseover", (event) => {
-        const token = event.target.closest(".wb-token");
-        const strip = el.querySelector(".wb-tokens");
-        if (!token || !strip || !el.contains(token)) return;
-        if (rowsFor !== strip) {
-          rowsFor = strip;
-          try { rows = JSON.parse(strip.dataset.pattern || "null"); } catch (e) { rows = null; }
-        }
-        const q = Number(token.dataset.pos);
-        if (!rows || !rows[q]) return;
-        for (const t of el.querySelectorAll(".wb-token")) {
-          const k = Number(t.dataset.pos), a = rows[q][k];
-          t.style.background = (a === null || a === undefined) ? "#d9d9d9" : `rgba(31,119,180,${a})`;
-          t.style.outline = k === q ? "2px dashed #d62728" : "";
-          t.title = `${q} -> ${k}: ${a === null || a === undefined ? "masked" : a}`;
-        }
-        el.dataset.hover = String(q);
-      });
-      el.addEventListener("mouseleave", () => { if (el.dataset.hover !== undefined) { delete el.dataset.hover; draw(); } });
-    }
-    export default { render };
-    """
-
-
 class AttentionView(W.VBox):
     """Interactive view of an ``AttentionPatterns`` result."""
 
@@ -89,7 +46,7 @@ class AttentionView(W.VBox):
         self.query_slider = full_label(W.IntSlider(min=0, max=self._length(prompt) - 1, description="query position",
                                                    layout=W.Layout(width="auto", min_width="320px")))
         self.figure = responsive_figure(pattern_heatmap(patterns, prompt, layer, head))
-        self.tokens = AttentionStrip(layout=W.Layout(width="100%", max_width="100%"))
+        self.tokens = TokenStrip(layout=W.Layout(width="100%", max_width="100%"))
         self.export_box = export_controls(self, "attention_view.html")
         super().__init__([controls_row([self.prompt_select, self.layer_select, self.head_select]),
                           wrap_box([self.figure]), self.query_slider, self.tokens, self.export_box],

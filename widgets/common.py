@@ -231,17 +231,39 @@ def needs(button: W.Button, reason: str | None) -> None:
         button.tooltip = reason
 
 
+def run_busy(status: W.HTML, button: W.Button | None, note: str, fn):
+    """Run ``fn()`` for a control: ``status`` says "working... (note)" and ``button`` is
+    off while it runs; an error is shown in ``status`` (escaped) and raised to the caller.
+    Returns what ``fn`` returns."""
+    status.value = f"<i>working...</i> ({html.escape(note)})"
+    if button is not None:
+        button.disabled = True
+    try:
+        return fn()
+    except Exception as err:
+        status.value = f'<span style="color:#b00">{html.escape(str(err))}</span>'
+        raise
+    finally:
+        if button is not None:
+            button.disabled = False
+
+
 def reason_html(reason: str | None) -> str:
     return "" if reason is None else f'<span class="wb-offline" style="color:#777"><i>{html.escape(reason)}</i></span>'
 
 
 class TokenStrip(anywidget.AnyWidget):
     """Tokens shaded by weights (``value``: HTML from :func:`widgets.figures.tokens_html`,
-    token text escaped there); clicking a token sets ``selected`` to its position."""
+    token text escaped there); clicking a token sets ``selected`` to its position. A strip
+    that carries an attention pattern (``data-pattern`` on ``.wb-tokens``, from
+    :func:`widgets.figures.attention.attention_tokens_html`) also shades every token by the
+    hovered token's attention (as bertviz / CircuitsVis do; keys it cannot see are grey),
+    and shows the selected query's again when the pointer leaves."""
 
     _esm = """
     function render({ model, el }) {
-      const draw = () => { el.innerHTML = model.get("value"); };
+      let rows = null, rowsFor = null;
+      const draw = () => { el.innerHTML = model.get("value"); rows = null; rowsFor = null; };
       draw();
       model.on("change:value", draw);
       el.addEventListener("click", (event) => {
@@ -250,6 +272,25 @@ class TokenStrip(anywidget.AnyWidget):
         model.set("selected", Number(token.dataset.pos));
         model.save_changes();
       });
+      el.addEventListener("mouseover", (event) => {
+        const token = event.target.closest(".wb-token");
+        const strip = el.querySelector(".wb-tokens");
+        if (!token || !strip || !el.contains(token)) return;
+        if (rowsFor !== strip) {
+          rowsFor = strip;
+          try { rows = JSON.parse(strip.dataset.pattern || "null"); } catch (e) { rows = null; }
+        }
+        const q = Number(token.dataset.pos);
+        if (!rows || !rows[q]) return;
+        for (const t of el.querySelectorAll(".wb-token")) {
+          const k = Number(t.dataset.pos), a = rows[q][k];
+          t.style.background = (a === null || a === undefined) ? "#d9d9d9" : `rgba(31,119,180,${a})`;
+          t.style.outline = k === q ? "2px dashed #d62728" : "";
+          t.title = `${q} -> ${k}: ${a === null || a === undefined ? "masked" : a}`;
+        }
+        el.dataset.hover = String(q);
+      });
+      el.addEventListener("mouseleave", () => { if (el.dataset.hover !== undefined) { delete el.dataset.hover; draw(); } });
     }
     export default { render };
     """

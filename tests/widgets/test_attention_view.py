@@ -149,10 +149,10 @@ def test_the_strip_carries_the_pattern_for_hover_highlighting(patterns):
     import json
     import re
 
-    from widgets.attention_view import AttentionStrip
+    from widgets.common import TokenStrip
 
     view = AttentionView(patterns, prompt=1, layer=1, head=2)
-    assert isinstance(view.tokens, AttentionStrip) and "mouseover" in AttentionStrip._esm
+    assert isinstance(view.tokens, TokenStrip) and "mouseover" in TokenStrip._esm
     raw = re.search(r'data-pattern="([^"]*)"', view.tokens.value).group(1)
     rows = json.loads(html_lib.unescape(raw))
     want = masked_pattern(patterns, 1, 1, 2)[:7, :7]
