@@ -402,6 +402,14 @@ def nash_weights(gramian, iters: int = 500) -> np.ndarray:
     return a / sigma
 
 
+def kept_spectrum(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues and eigenvectors of a (normalised) Gramian, without those below
+    ``RANK_RTOL`` x the largest (they count as zero: the rows' rank deficiency)."""
+    vals, vecs = np.linalg.eigh(gramian)
+    keep = vals > vals.max() * RANK_RTOL
+    return vals[keep], vecs[:, keep]
+
+
 def imtl_g_weights(gramian) -> np.ndarray:
     """IMTL-G's weights (Liu et al., 2021), from the Gramian: a summing to 1 such that the
     update has the same projection on every task's unit gradient, (G a)_i = k |g_i|, i.e.
@@ -416,9 +424,8 @@ def imtl_g_weights(gramian) -> np.ndarray:
     T = len(gn)
     if sigma == 0.0:
         return np.zeros(T)
-    vals, vecs = np.linalg.eigh(gn)
-    keep = vals > vals.max() * RANK_RTOL
-    inv = (vecs[:, keep] / vals[keep]) @ vecs[:, keep].T
+    vals, vecs = kept_spectrum(gn)
+    inv = (vecs / vals) @ vecs.T
     d = np.sqrt(np.clip(np.diag(gn), 0.0, None))
     v = inv @ d
     total = float(v.sum())
@@ -437,10 +444,8 @@ def aligned_weights(gramian) -> np.ndarray:
     T = len(gn)
     if sigma == 0.0:
         return np.ones(T)
-    vals, vecs = np.linalg.eigh(gn)
-    keep = vals > vals.max() * RANK_RTOL
-    s = np.sqrt(vals[keep])
-    v = vecs[:, keep]
+    vals, v = kept_spectrum(gn)
+    s = np.sqrt(vals)
     return s.min() * ((v / s) @ v.T) @ np.ones(T)
 
 
