@@ -31,6 +31,7 @@ from widgets.common import (
     TokenStrip, controls_row, full_label, member, needs, reason_html, responsive_figure, run_busy, update_in_place,
     wrap_box,
 )
+from widgets.attention_view import HeadSelection
 from widgets.export import export_controls
 from widgets.export import export_html as write_html
 from widgets.figures.attention import (
@@ -49,12 +50,8 @@ def metric_name(metric) -> str:
     return str(getattr(inner, "__name__", type(metric).__name__))
 
 
-class AttentionExplorer(W.VBox):
+class AttentionExplorer(HeadSelection, W.VBox):
     kind = traitlets.Unicode(help="the score kind on the grid")
-    layer = traitlets.Int(help="the selected head's layer")
-    head = traitlets.Int(help="the selected head")
-    prompt = traitlets.Int(0, help="the prompt whose pattern is shown (index)")
-    query = traitlets.Int(0, help="the query position whose attention shades the tokens")
 
     def __init__(self, scores, patterns, *, subject=None, ablation=None, attribution=None, metric="loss",
                  replacement: str = "zero", n_random: int = 10, seed: int = 0, kind: str | None = None,
@@ -148,22 +145,6 @@ class AttentionExplorer(W.VBox):
     @traitlets.validate("kind")
     def _valid_kind(self, proposal):
         return member(proposal, self.scores.coord("kind"), "score kind")
-
-    @traitlets.validate("layer")
-    def _valid_layer(self, proposal):
-        return member(proposal, self.patterns.coord("layer"), "layer")
-
-    @traitlets.validate("head")
-    def _valid_head(self, proposal):
-        return member(proposal, self.patterns.coord("head"), "head")
-
-    @traitlets.validate("prompt")
-    def _valid_prompt(self, proposal):
-        return member(proposal, list(range(len(self.patterns.coord("prompt")))), "prompt")
-
-    @traitlets.validate("query")
-    def _valid_query(self, proposal):
-        return member(proposal, list(range(int(self.patterns["lengths"][self.prompt]))), "query")
 
     @property
     def selected(self) -> tuple[int, int]:

@@ -23,13 +23,39 @@ from widgets.export import export_html as write_html
 from widgets.figures.attention import attention_tokens_html, pattern_heatmap
 
 
-class AttentionView(W.VBox):
-    """Interactive view of an ``AttentionPatterns`` result."""
+class HeadSelection(traitlets.HasTraits):
+    """The selection shared by the attention widgets, as traits over ``self.patterns`` (an
+    ``AttentionPatterns`` result): prompt, layer, head and query, each checked against what
+    the patterns hold."""
 
     prompt = traitlets.Int(0, help="the prompt shown (index)")
     layer = traitlets.Int(0, help="the layer of the head shown")
     head = traitlets.Int(0, help="the head shown")
     query = traitlets.Int(0, help="the query position whose attention shades the tokens")
+
+    def _length(self, prompt: int) -> int:
+        return int(self.patterns["lengths"][prompt])
+
+    @traitlets.validate("prompt")
+    def _valid_prompt(self, proposal):
+        return member(proposal, list(range(len(self.patterns.coord("prompt")))), "prompt")
+
+    @traitlets.validate("layer")
+    def _valid_layer(self, proposal):
+        return member(proposal, self.patterns.coord("layer"), "layer")
+
+    @traitlets.validate("head")
+    def _valid_head(self, proposal):
+        return member(proposal, self.patterns.coord("head"), "head")
+
+    @traitlets.validate("query")
+    def _valid_query(self, proposal):
+        return member(proposal, list(range(self._length(self.prompt))), "query")
+
+
+class AttentionView(HeadSelection, W.VBox):
+    """Interactive view of an ``AttentionPatterns`` result."""
+
 
     def __init__(self, patterns, *, prompt: int = 0, layer: int | None = None, head: int | None = None,
                  query: int | None = None) -> None:
@@ -70,25 +96,6 @@ class AttentionView(W.VBox):
         return cls(attention_patterns(subject, prompts), **kwargs)
 
     # ------------------------------------------------------------------ traits
-
-    def _length(self, prompt: int) -> int:
-        return int(self.patterns["lengths"][prompt])
-
-    @traitlets.validate("prompt")
-    def _valid_prompt(self, proposal):
-        return member(proposal, list(range(len(self.patterns.coord("prompt")))), "prompt")
-
-    @traitlets.validate("layer")
-    def _valid_layer(self, proposal):
-        return member(proposal, self.patterns.coord("layer"), "layer")
-
-    @traitlets.validate("head")
-    def _valid_head(self, proposal):
-        return member(proposal, self.patterns.coord("head"), "head")
-
-    @traitlets.validate("query")
-    def _valid_query(self, proposal):
-        return member(proposal, list(range(self._length(self.prompt))), "query")
 
     # ------------------------------------------------------------------ drawing
 
