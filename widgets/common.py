@@ -21,6 +21,7 @@ import traitlets
 
 _SKIP = ("type", "uid")
 TITLE_TOP = 64  # px above the plot area: the toolbar's row, then the title's row below it
+TITLE_LINE_PX = 18  # one more line of a title (after a <br>)
 MIN_CELL_PX = 440  # a figure narrower than this wraps below its neighbour
 
 
@@ -54,11 +55,17 @@ def fit_layout(figure: go.Figure) -> go.Figure:
     push the margin instead of covering labels. Changes ``figure`` and returns it."""
     lay = figure.layout
     margin = lay.margin.to_plotly_json() if lay.margin else {}
+    # plotly anchors a title by its first line: each further line (<br>) lifts it by one
+    # line height so the last line ends above the plot, not over it; a builder may ask for
+    # more room below its title (subplot titles) with a larger title pad
+    text = lay.title.text or ""
+    extra = TITLE_LINE_PX * text.count("<br>")
+    pad_b = max(10 + extra, (lay.title.pad.b or 0) if lay.title.pad else 0)
     figure.update_layout(
         autosize=True, width=None,
         margin=dict(l=margin.get("l", 10), r=margin.get("r", 10), b=margin.get("b", 10),
-                    t=max(TITLE_TOP, margin.get("t") or 0), pad=0),
-        title=dict(x=0, xref="paper", y=1, yref="paper", yanchor="bottom", pad=dict(b=10), font_size=14),
+                    t=max(TITLE_TOP + pad_b - 10, margin.get("t") or 0), pad=0),
+        title=dict(x=0, xref="container", y=1, yref="paper", yanchor="bottom", pad=dict(b=pad_b, l=10), font_size=14),
     )
     for trace in figure.data:
         if "colorbar" in trace and trace.type in ("heatmap", "contour", "histogram2d"):

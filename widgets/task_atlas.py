@@ -132,6 +132,7 @@ class TaskAtlas(W.VBox):
         ]
         super().__init__(children, measure=measure, truth=truth, pair=tuple(pair), group_size=group_size,
                          layout=W.Layout(width="100%"))
+        self.add_class("wb-task-atlas")
         W.link((self, "measure"), (self.measure_select, "value"))
         W.link((self, "truth"), (self.truth_select, "value"))
         W.link((self, "pair"), (self.pair_select, "value"), transform=(self.canonical, tuple))

@@ -27,6 +27,8 @@ def _needs_chromium():
 def test_task_atlas_renders_fits_and_reacts_in_jupyterlab():
     assert sorted(WIDTHS) == [1024, 1440]
     with running_lab(ROOT / "notebooks") as (base, token), browser_page(1440) as page:
+        errors = []  # uncaught front-end errors ("[anywidget] Failed to initialize model": a figure left empty)
+        page.on("pageerror", lambda e: errors.append(str(e)))
         open_and_run(page, base, token, f"{NB}.ipynb")
         page.wait_for_selector(".js-plotly-plot", timeout=60_000)
         assert page_problems(page) == []
@@ -35,7 +37,12 @@ def test_task_atlas_renders_fits_and_reacts_in_jupyterlab():
             page.set_viewport_size({"width": width, "height": 1000})
             page.wait_for_timeout(1500)  # the lab relayouts; FitWidth refits the figures
             assert overflow_problems(page) == [], width
-            page.screenshot(path=str(ARTIFACTS / f"task_atlas-{width}.png"), full_page=True)
+            page.set_viewport_size({"width": width, "height": 3200})  # tall: the whole widget in one shot
+            page.wait_for_timeout(1000)
+            view = page.locator(".wb-task-atlas").last
+            view.scroll_into_view_if_needed()
+            view.screenshot(path=str(ARTIFACTS / f"task_atlas-{width}.png"))
+            page.set_viewport_size({"width": width, "height": 1000})
         # the agreement intervals are computed in a background thread: wait for them to be drawn
         page.wait_for_function(f"() => ({TITLES})().some(t => t.includes('bootstrap draws over pairs'))", timeout=60_000)
         # the atlas widget: the box holding the "lens measure" dropdown
@@ -54,7 +61,8 @@ def test_task_atlas_renders_fits_and_reacts_in_jupyterlab():
         page.wait_for_function(f"(before) => {{ const now = ({TITLES})(); return now.some(t => !before.includes(t)); }}",
                                arg=before, timeout=60_000)
         assert any("through the depth" in t and t not in before for t in page.evaluate(TITLES))
-        page.screenshot(path=str(ARTIFACTS / "task_atlas-after-select.png"), full_page=True)
+        page.locator(".wb-task-atlas").last.screenshot(path=str(ARTIFACTS / "task_atlas-after-select.png"))
         assert page_problems(page) == []
         assert serialization_warnings(page) == []
         assert overflow_problems(page) == []
+        assert errors == []

@@ -108,8 +108,7 @@ def atlas_matrices(atlas, measures: Sequence[str] | None = None, *, cols: int = 
         scale = _scale(z)
         finite = z[np.isfinite(z)]
         span = f"{_num(finite.min(), '.2f')} \u2026 {_num(finite.max(), '.2f')}" if len(finite) else "no values"
-        titles.append(f"<b>{html.escape(m)}</b><br><span style='font-size:10px'>"
-                      f"{html.escape('ground truth' if kind == 'truth' else kind)} \u00b7 {span}</span>")
+        titles.append(f"<b>{html.escape(m)}</b><br><span style='font-size:10px'>{span}</span>")  # (short: 4 fit in 600 px)
         text = [[(f"{labels[a]} \u2194 {labels[b]}<br>{html.escape(m)}: {_num(z[a, b])}"
                   + (f" [{_num(lo[a, b])}, {_num(hi[a, b])}]" if kind == "truth" and np.isfinite(lo[a, b]) else ""))
                  if a != b else f"{labels[a]}" for b in range(T)] for a in range(T)]
@@ -126,8 +125,9 @@ def atlas_matrices(atlas, measures: Sequence[str] | None = None, *, cols: int = 
     for ann in fig.layout.annotations:
         ann.font.size = 12
     P = T * (T - 1) // 2
-    fig.update_layout(title=f"every measure over the {P} task pairs (ground truth first; diagonal blank)",
-                      height=60 + row_height * rows, margin=dict(MARGIN, t=100))
+    fig.update_layout(title=dict(text=f"every measure over the {P} task pairs (ground truth first; diagonal blank)",
+                                 pad=dict(b=44)),  # room for the panels' two-line titles below it
+                      height=100 + row_height * rows, margin=dict(MARGIN, t=100))
     return fig
 
 
@@ -237,8 +237,10 @@ def atlas_blocks(atlas, task: str, task_b: str, *, highlight: str | None = None)
            else "no measure has a per-block value for this pair")
     fig = go.Figure(traces)
     fig.update_layout(title=f"{name} through the depth<br><span style='font-size:12px'>{sub}</span>",
-                      xaxis_title="block (depth order)", yaxis_title="relatedness", height=400, margin=MARGIN,
-                      legend=dict(orientation="h", y=-0.25, x=0, font_size=11), hovermode="closest")
+                      yaxis_title="relatedness", height=460, margin=dict(MARGIN, b=100),
+                      # the legend in the bottom margin, below the block labels (it wraps to 3 rows when narrow)
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, font_size=11),
+                      hovermode="closest")
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=list(order))
     fig.update_yaxes(zeroline=True, zerolinecolor="#888", zerolinewidth=1)
     return fig
