@@ -51,6 +51,7 @@ from widgets.figures.circuits import (
 from workbench.errors import WorkbenchError
 
 STEER_TOP_K = 8  # next tokens listed before and after steering
+STEER_NEW_TOKENS = 6  # greedy continuation shown before and after steering
 
 
 def _missing(**given) -> list[str]:
@@ -493,7 +494,7 @@ class CircuitExplorer(W.VBox):
         def run():
             site, f = self._selected_feature()
             return steer(self.subject, self.saes[site], f, self.strength.value, self.clean, self.metric, site=site,
-                         positions=self.steer_positions, top_k=STEER_TOP_K)
+                         positions=self.steer_positions, top_k=STEER_TOP_K, max_new_tokens=STEER_NEW_TOKENS)
 
         return self._run("steering", run)
 

@@ -6,6 +6,8 @@ text is escaped."""
 
 from __future__ import annotations
 
+import html
+
 import copy
 
 import ipywidgets as W
@@ -163,6 +165,10 @@ def test_ablate_and_steer_match_the_library(explorer, tasklm, setup):
     ref = steer(tasklm, saes[site], int(f), 6.0, clean, metric, site=site, positions="last")
     assert np.allclose(explorer.bars.data[0].y, [ref["before"].mean(), ref["after"].mean()])
     assert "steering with" in explorer.status.value
+    # what the model now says: the first prompt's greedy continuation, as the library gives it
+    said = steer(tasklm, saes[site], int(f), 6.0, clean, metric, site=site, positions="last", max_new_tokens=6).attrs
+    shown = explorer.next_tokens.value
+    assert html.escape(said["text_before"][0]) in shown and html.escape(said["text_after"][0]) in shown
 
 
 def graph_top(graph):

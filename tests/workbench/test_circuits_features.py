@@ -96,6 +96,27 @@ def test_steering_lists_what_the_model_says_next(linear, pairs):  # noqa: F811
         steer(linear, sae, 5, 1.0, clean, metric, top_k=-1)
 
 
+def test_steering_continues_the_text_greedily(linear, pairs):  # noqa: F811
+    """max_new_tokens: each prompt's greedy continuation without steering equals a manual
+    greedy loop; a strong push along a token's unembedding makes every new token that one."""
+    clean, _, metric = pairs
+    sae = random_sae(32, 16, "resid_post.1", seed=4)
+    W_U = linear.W_U.detach()
+    target = int(W_U.T.norm(dim=1).argmax())
+    with torch.no_grad():
+        sae.W_dec[5] = W_U[:, target] / W_U[:, target].norm()
+    r = steer(linear, sae, 5, 500.0, clean, metric, positions="last", max_new_tokens=3)
+    batch = linear.tokenize(clean)
+    for row, text in enumerate(r.attrs["text_before"]):
+        ids = batch.input_ids[row, : int(batch.last[row]) + 1][None]
+        for _ in range(3):
+            ids = torch.cat([ids, linear.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert text == linear.tokenizer.decode(ids[0, -3:].tolist())
+    assert r.attrs["text_after"] == [linear.tokenizer.decode([target] * 3)] * len(clean)
+    with pytest.raises(WorkbenchError, match="max_new_tokens"):
+        steer(linear, sae, 5, 1.0, clean, metric, max_new_tokens=-1)
+
+
 def test_shift_ablation_known_answer(linear, pairs):  # noqa: F811
     clean, _, metric = pairs
     site = "mlp_out.1"

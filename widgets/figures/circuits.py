@@ -311,7 +311,8 @@ def metric_text(result, threshold: float | None = None) -> str:
 def next_tokens_html(intervention=None) -> str:
     """What the model says next before and after steering (an ``Intervention`` of
     :func:`workbench.circuits.steer` with ``top_k``): two ranked lists of tokens with their
-    mean probability at the last position; tokens that rose into the list are bold."""
+    mean probability at the last position; tokens that rose into the list are bold; with
+    ``max_new_tokens``, the first prompt's greedy continuation before and after (escaped)."""
     a = intervention.attrs if intervention is not None else {}
     if "top_after" not in a:
         return ""
@@ -325,6 +326,12 @@ def next_tokens_html(intervention=None) -> str:
         return (f'<div style="flex:1 1 160px;min-width:140px"><b>{title}</b>'
                 f'<table style="border-collapse:collapse">{body}</table></div>')
 
+    said = ""
+    if a.get("text_before"):  # the first prompt's greedy continuation, without and with the steering
+        said = ('<div class="wb-continuation" style="flex:1 1 100%"><b>first prompt continues</b>'
+                f'<br>before: <span style="font-family:monospace;white-space:pre-wrap">{html.escape(a["text_before"][0])}</span>'
+                f'<br>after: <span style="font-family:monospace;white-space:pre-wrap">{html.escape(a["text_after"][0])}</span>'
+                '</div>')
     return ('<div class="wb-next-tokens" style="display:flex;flex-flow:row wrap;gap:4px 16px">'
             + column("model says next (before)", a["top_before"], False)
-            + column(f"after {intervention_text(intervention)}", a["top_after"], True) + "</div>")
+            + column(f"after {intervention_text(intervention)}", a["top_after"], True) + said + "</div>")

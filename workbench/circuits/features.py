@@ -192,12 +192,17 @@ def steer(
     site: str | None = None,
     positions: str = "all",
     top_k: int = 0,
+    max_new_tokens: int = 0,
 ) -> Intervention:
     """Add ``strength`` x the feature's (unit) decoder direction at its site, at every
     real token (``positions="all"``) or only the last one (``"last"``); the metric per
     prompt before and after. ``top_k`` > 0: also what the model now says, the ``top_k``
     next tokens at each prompt's last position by probability averaged over the prompts,
-    before and after (``attrs["top_before"]``, ``attrs["top_after"]``: [[token, prob], ...])."""
+    before and after (``attrs["top_before"]``, ``attrs["top_after"]``: [[token, prob], ...]).
+    ``max_new_tokens`` > 0: also each prompt's greedy continuation of that many tokens,
+    without and with the steering (applied at every step: to every token with
+    ``positions="all"``, to the newest with ``"last"``): ``attrs["text_before"]``,
+    ``attrs["text_after"]``, one string per prompt."""
     site = resolve_site(subject, sae, site)
     j = _check_feature(sae, feature)
     if positions not in ("all", "last"):
@@ -209,13 +214,18 @@ def steer(
     if positions == "last":
         mask[torch.arange(len(batch)), batch.last] = True
 
-    def patch(x):
-        xf = flat(x, s)
-        xf = xf + strength * mask[..., None].to(xf.dtype) * direction.to(xf.dtype)
-        return unflat(xf, s, subject)
+    def adder(where: torch.Tensor):
+        def patch(x):
+            xf = flat(x, s)
+            xf = xf + strength * where[..., None].to(xf.dtype) * direction.to(xf.dtype)
+            return unflat(xf, s, subject)
+        return patch
 
+    patch = adder(mask)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise WorkbenchError(f"top_k must be an integer >= 0 (0: no next-token lists), got {top_k!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 0 <= max_new_tokens <= 256:
+        raise WorkbenchError(f"max_new_tokens must be an integer in 0..256 (0: no continuation), got {max_new_tokens!r}")
     clean_logits = subject.logits(batch)
     steered_logits = subject.logits(batch, patch={site: patch})
     before = _per_prompt(metric, clean_logits, batch)
@@ -225,9 +235,29 @@ def steer(
     if top_k:
         extra = {"top_before": _top_next(subject, clean_logits, batch, top_k),
                  "top_after": _top_next(subject, steered_logits, batch, top_k)}
+    if max_new_tokens:
+        extra["text_before"] = _greedy(subject, batch, max_new_tokens, None)
+        extra["text_after"] = _greedy(subject, batch, max_new_tokens, lambda ids: {
+            site: adder(torch.ones_like(ids, dtype=torch.bool) if positions == "all"
+                        else torch.arange(ids.shape[1], device=ids.device)[None] == ids.shape[1] - 1)})
     return Intervention(dims={"prompt": list(range(len(batch)))},
                         data={"before": (("prompt",), before), "after": (("prompt",), after)},
                         attrs={**params, "kind": "steer", **extra}, provenance=provenance(subject, params=params))
+
+
+def _greedy(subject, batch, n: int, patch_for) -> list[str]:
+    """Each prompt's greedy continuation of ``n`` tokens (one prompt at a time, so no
+    padding sits between a prompt and its new tokens); ``patch_for(ids)`` gives the patch
+    of each step (None: no patch)."""
+    out = []
+    for row in range(len(batch)):
+        ids = batch.input_ids[row, : int(batch.last[row]) + 1][None]
+        start = ids.shape[1]
+        for _ in range(n):
+            logits = subject.logits(ids, patch=patch_for(ids) if patch_for else None)
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True).to(ids.dtype)], dim=1)
+        out.append(subject.tokenizer.decode(ids[0, start:].tolist()))
+    return out
 
 
 def _top_next(subject, logits, batch, k: int) -> list[list]:
