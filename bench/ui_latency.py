@@ -1,8 +1,9 @@
 """Action-to-paint latency of the widgets' view-only controls, in real Chromium.
 
 A small notebook (written here, run in JupyterLab through ``tests/ui/lab.py``) builds the
-AttentionExplorer, an AttentionView and a TaskVectorLab (function vectors, no evaluator)
-on the zoo model ``tasklm``. Each control is then driven the way a user drives it (a
+AttentionExplorer, an AttentionView, a TaskVectorLab (function vectors, no evaluator) and a
+CircuitExplorer (two small SAEs) on the zoo model ``tasklm``, and a ConflictMonitor over a
+short MultiDigits run. Each control is then driven the way a user drives it (a
 real mouse click on a heatmap cell, arrow keys on a slider's handle, a choice in a
 dropdown) and timed in the page from the input event (``mousedown`` / ``keydown`` /
 ``input`` / ``change``, captured on the document) to the first animation frame after
@@ -64,6 +65,34 @@ CELLS = [
     "lab = TaskVectorLab(merge, fvs=fvs, sweeps=sweeps)\n"
     "lab.add_class('lat-lab')\n"
     "lab",
+    # the circuit explorer (two small TopK SAEs on tasklm, a circuit over agreement pairs)
+    "from widgets import CircuitExplorer, ConflictMonitor\n"
+    "from workbench.circuits import SAE, collect, find_circuit, train_sae\n"
+    "from workbench.data import agreement_pairs, agreement_sentences\n"
+    "from workbench.metrics import logit_diff\n"
+    "texts = agreement_sentences(200, seed=0, split='train')\n"
+    "saes = {}\n"
+    "for site in ('resid_post.0', 'attn_out.1'):\n"
+    "    sae = SAE(lm.d_model, 64, kind='topk', k=4, site=site, model='tasklm')\n"
+    "    train_sae(sae, collect(lm, site, texts), steps=60, batch_size=256, lr=3e-3, progress=False)\n"
+    "    saes[site] = sae\n"
+    "pairs = agreement_pairs(8, seed=3, split='test', tokenizer=lm.tokenizer)\n"
+    "good, bad = list(pairs['clean_answer_id']), list(pairs['corrupted_answer_id'])\n"
+    "metric = lambda logits, batch: logit_diff(logits, batch, good, bad)\n"
+    "graph = find_circuit(lm, saes, list(pairs['clean']), list(pairs['corrupted']), metric, node_threshold=0.02,\n"
+    "                     edge_threshold=0.001)\n"
+    "circuit = CircuitExplorer(graph, subject=lm, saes=saes, clean=list(pairs['clean']), metric=metric, texts=texts[:40])\n"
+    "circuit.add_class('lat-circuit')\n"
+    "circuit",
+    # the conflict monitor over a short MultiDigits run (records every 5 steps)
+    "from workbench.mtl.trainer import MultiTaskTrainer\n"
+    "from workbench.mtl.workloads import MultiDigitsNet, batch_sampler, digit_losses, multidigits_tensors\n"
+    "tr = MultiTaskTrainer(MultiDigitsNet(), digit_losses(), batch_sampler(multidigits_tensors('train', n=200), 32),\n"
+    "                      monitor_every=5, affinity=True)\n"
+    "tr.fit(40, progress=False)\n"
+    "monitor = ConflictMonitor.from_result(tr.history)\n"
+    "monitor.add_class('lat-monitor')\n"
+    "monitor",
     "print('latency bench ready')",
 ]
 
@@ -196,6 +225,19 @@ def measure(page, repeats: int) -> dict[str, list[float | None]]:
     # lab: a click on a head of the indirect-effect map toggles it in the vector
     run("task-vector lab: head click", lambda i: (
         changed(), lambda: click_cell(page, lb, 1, len(heads) - 1, n_layers - 1)))
+    # circuit explorer: the node threshold slider (the graph's title counts the nodes shown)
+    ci, mo = ".lat-circuit", ".lat-monitor"
+
+    def title_changed(root: str, starts: str) -> str:
+        before = page.evaluate(f"() => {titles(root)}.find(t => t.startsWith({json.dumps(starts)}))")
+        return (f"(() => {{ const t = {titles(root)}.find(t => t.startsWith({json.dumps(starts)}));"
+                f" return !!t && t !== {json.dumps(before)}; }})()")
+
+    run("circuit explorer: node threshold slider", lambda i: (
+        title_changed(ci, "circuit: "), lambda: press(page, ci, "node |effect|", "PageDown" if i % 2 == 0 else "PageUp")))
+    # conflict monitor: the record slider (the matrices' titles name the step shown)
+    run("conflict monitor: record slider", lambda i: (
+        title_changed(mo, "gradient cosine"), lambda: press(page, mo, "record", "ArrowLeft" if i % 2 == 0 else "ArrowRight")))
     return out
 
 
@@ -223,7 +265,7 @@ def run() -> Table:
             # every plot drawn, then a moment for the first refits to the page width: an update that
             # lands while plotly still draws a figure can be lost (measured separately, not here)
             page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')]"
-                                   ".every(gd => gd._fullLayout && gd.querySelector('.gtitle'))", timeout=60_000)
+                                   ".every(gd => gd._fullLayout && gd.querySelector('.main-svg'))", timeout=60_000)
             page.wait_for_timeout(3000)
             results = measure(page, repeats)
             page.screenshot(path=str(ARTIFACTS / f"ui_latency-{width}.png"), full_page=True)
