@@ -25,7 +25,13 @@ Rows (ratio = workbench / anchor; the target is in the row's name):
   flat as the model grows?), keeping the merged state (``merge(..., out=...)``, which
   returns it) and streaming it to ``out`` (``keep=False``).
 
-``BENCH_SCALE_ONLY=heads,scan,zoo,gradients,merge`` runs some sections only;
+- ``sae``: TopK SAE training (workbench ``train_sae`` against SAELens's ``SAETrainer`` from
+  the same init on the same batches of synthetic sparse-mixture activations, time, peak and
+  held-out FVU), and node effects over every feature of random TopK SAEs at three GPT-2-small
+  sites: attribution against exact patching of a random subset of the features (time per
+  node, Spearman on the top nodes).
+
+``BENCH_SCALE_ONLY=heads,scan,zoo,gradients,merge,sae`` runs some sections only;
 ``BENCH_SCALE_MODELS=folder`` builds the random models there once and keeps them.
 
 Peak memory: in the measuring process, after the model is loaded and a warm-up call, the
@@ -79,9 +85,16 @@ N_TV = 4
 DENSITY = 0.2
 
 SMALL = dict(prompts=8, half=32, scan_prompts=2, scan_half=16, scan_layers=2, tg_prompts=4, tg_half=16,
-             merge_layers=(1, 2), growth=((16, 32), (8, 64)))
+             merge_layers=(1, 2), growth=((16, 32), (8, 64)),
+             sae_d=768, sae_features=6144, sae_k=32, sae_steps=200, sae_batch=512, sae_rows=65536,
+             attr_features=2048, attr_pairs=16, attr_exact=64)
 FULL = dict(prompts=64, half=64, scan_prompts=8, scan_half=32, scan_layers=None, tg_prompts=8, tg_half=32,
-            merge_layers=(4, 16), growth=((128, 64), (64, 128)))
+            merge_layers=(4, 16), growth=((128, 64), (64, 128)),
+            sae_d=768, sae_features=24576, sae_k=32, sae_steps=1000, sae_batch=4096, sae_rows=1 << 20,
+            attr_features=24576, attr_pairs=32, attr_exact=64)
+SAE_LR = 1e-3
+ATTR_SITES = ("resid_post.3", "attn_out.6", "mlp_out.9")
+ATTR_TOP = 20
 
 
 def sizes() -> dict:
@@ -253,10 +266,158 @@ def _op(name: str, subject, model, sz: dict, n: int, half: int):
     raise AssertionError(f"unknown measurement {name!r}")
 
 
+def _sae_data(sz: dict, held: int = 8192):
+    """(train, held-out) activations: each row a sparse non-negative mixture of d_sae random
+    unit directions (16 active per row, exponential magnitudes) plus a small shared mean and
+    small Gaussian noise, so that a TopK dictionary can explain most of the variance."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    d, n_dir, active = sz["sae_d"], sz["sae_features"], 16
+    dirs = torch.randn(n_dir, d, generator=g)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    mean = 0.1 * torch.randn(d, generator=g)
+    rows = sz["sae_rows"] + held
+    out = torch.empty(rows, d)
+    for a in range(0, rows, 8192):
+        b = min(rows, a + 8192)
+        idx = torch.randint(0, n_dir, (b - a, active), generator=g)
+        mag = torch.empty(b - a, active).exponential_(1.0, generator=g)
+        out[a:b] = torch.nn.functional.embedding_bag(idx, dirs, per_sample_weights=mag, mode="sum") + mean \
+            + 0.05 * torch.randn(b - a, d, generator=g)
+    return out[held:], out[:held]
+
+
+def _sae_batches(acts, steps: int, batch: int):
+    """The same batch sequence for both trainers: batch i is rows [i*B, (i+1)*B) mod n."""
+    import torch
+
+    for i in range(steps):
+        yield acts[(torch.arange(batch) + i * batch) % len(acts)]
+
+
+def _fvu_of(encode_decode, x) -> float:
+    import torch
+
+    with torch.no_grad():
+        err = (encode_decode(x) - x).double().pow(2).sum()
+        return float(err / (x.double() - x.double().mean(0)).pow(2).sum())
+
+
+def _sae_child(spec: dict) -> dict:
+    """Train one TopK SAE (workbench or SAELens) from the same init on the same batches;
+    time the training alone, then the held-out FVU."""
+    import contextlib
+    import io
+
+    import torch
+
+    from workbench.circuits import SAE, train_sae
+
+    sz = sizes()
+    acts, held = _sae_data(sz)
+    steps, batch = sz["sae_steps"], sz["sae_batch"]
+    init = SAE(sz["sae_d"], sz["sae_features"], kind="topk", k=sz["sae_k"], seed=0).state_dict()
+    if spec["op"] == "sae_workbench":
+        sae = SAE(sz["sae_d"], sz["sae_features"], kind="topk", k=sz["sae_k"])
+        sae.load_state_dict(init)
+        train = lambda: train_sae(sae, _sae_batches(acts, steps, batch), steps=steps, batch_size=batch,  # noqa: E731
+                                  lr=SAE_LR, dead_after=10**12, aux_coeff=0.0, max_grad_norm=1.0, progress=False)
+        encode_decode = sae
+    else:
+        from sae_lens import SAETrainer
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        cfg = TopKTrainingSAEConfig(d_in=sz["sae_d"], d_sae=sz["sae_features"], k=sz["sae_k"], aux_loss_coefficient=0.0,
+                                    rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=True,
+                                    normalize_activations="none", dtype="float32", device="cpu")
+        sae = TopKTrainingSAE(cfg)
+        with torch.no_grad():
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                getattr(sae, name).copy_(init[name])
+        tcfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=SAE_LR,
+                                lr_end=SAE_LR, device="cpu", dead_feature_window=10**9, feature_sampling_window=10**9)
+
+        def train():
+            with contextlib.redirect_stderr(io.StringIO()):
+                SAETrainer(tcfg, sae, data_provider=_sae_batches(acts, steps, batch)).fit()
+            sae.eval()
+
+        encode_decode = lambda x: sae.decode(sae.encode(x))  # noqa: E731
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status("VmRSS")
+    start, cpu = time.perf_counter(), time.process_time()
+    train()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    peak = _status("VmHWM") - base
+    return {"seconds": seconds, "cpu_s": cpu, "peak_mb": peak / 2**20, "fvu": _fvu_of(encode_decode, held)}
+
+
+def _attr_child(spec: dict) -> dict:
+    """Node effects over every feature of random TopK SAEs at three GPT-2-small sites:
+    attribution (every node) and exact patching of a random subset of the features whose
+    value changes between clean and corrupted."""
+    import torch
+
+    from bench.harness import timeit
+    from workbench.circuits import SAE, node_effects
+    from workbench.circuits.attribution import node_values
+    from workbench.data import agreement_pairs
+    from workbench.effects import pair_batches
+    from workbench.metrics import logit_diff
+    from workbench.stats import spearman
+
+    sz = sizes()
+    subject, _ = _load("gpt2-small", spec["models"])
+    saes = {site: SAE(768, sz["attr_features"], kind="topk", k=32, site=site, seed=i)
+            for i, site in enumerate(ATTR_SITES)}
+    pairs = agreement_pairs(sz["attr_pairs"], seed=3, split="test", tokenizer=subject.tokenizer)
+    good, bad = list(pairs["clean_answer_id"]), list(pairs["corrupted_answer_id"])
+    clean, corr = list(pairs["clean"]), list(pairs["corrupted"])
+
+    def metric(logits, batch):
+        return logit_diff(logits, batch, good, bad)
+
+    cb, xb = pair_batches(subject, clean, corr)
+    vc, _ = node_values(subject, cb, saes)
+    vx, _ = node_values(subject, xb, saes)
+    rng = np.random.default_rng(0)
+    chosen, changing = {}, {}
+    for site in saes:
+        moved = np.flatnonzero(((vc[site][0] - vx[site][0]).abs().reshape(-1, sz["attr_features"]) > 0)
+                               .any(0).numpy())
+        changing[site] = len(moved)
+        chosen[site] = sorted(rng.choice(moved, min(sz["attr_exact"], len(moved)), replace=False).tolist())
+    res = {}
+
+    def attribution():
+        res["attribution"] = node_effects(subject, saes, clean, corr, metric, method="attribution")
+
+    def exact():
+        res["exact"] = node_effects(subject, saes, clean, corr, metric, method="exact", features=chosen)
+
+    t_attr = timeit(attribution, repeat=3, warmup=1, min_time=0.0)
+    start = time.perf_counter()
+    exact()
+    t_exact = time.perf_counter() - start
+    a, e = np.asarray(res["attribution"]["effect"]), np.asarray(res["exact"]["effect"])
+    anchored = np.flatnonzero(np.isfinite(e))
+    top = anchored[np.argsort(-np.abs(e[anchored]))[:ATTR_TOP]]
+    return {"seconds": t_attr, "peak_mb": float("nan"), "attribution_s": t_attr, "exact_s": t_exact, "nodes": int(len(a)), "exact_nodes": int(len(anchored)),
+            "spearman_top": spearman(a[top], e[top]), "spearman_anchored": spearman(a[anchored], e[anchored]),
+            "changing": changing}
+
+
 def child(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
+    if spec["op"] in ("sae_workbench", "sae_saelens", "sae_attribution"):
+        out = _attr_child(spec) if spec["op"] == "sae_attribution" else _sae_child(spec)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
     sz = sizes()
     subject, model = _load(spec["shape"], spec["models"])
     warm, timed = _op(spec["op"], subject, model, sz, spec.get("n", sz["prompts"]), spec.get("half", sz["half"]))
@@ -481,7 +642,7 @@ def _zoo_in_process(t: Table) -> None:
           timeit(lambda: indirect_effects(lm, xb, answers, mz, batched=False), repeat=3, warmup=1, min_time=0.0))
 
 
-SECTIONS = ("heads", "scan", "zoo", "gradients", "merge")
+SECTIONS = ("heads", "scan", "zoo", "gradients", "merge", "sae")
 
 
 def run() -> Table:
@@ -500,11 +661,13 @@ def run() -> Table:
     models = keep or tempfile.mkdtemp(prefix="bench-scale-models-")
     start = time.perf_counter()
     try:
-        for shape in SHAPES:
+        # the sections that load saved models: every shape, or GPT-2-small alone for the sae section
+        for shape in SHAPES if any(want(x) for x in ("heads", "scan", "gradients")) else \
+                ("gpt2-small",) if want("sae") else ():
             _build(shape, models)
         for sec, fn in (("heads", lambda: _heads(t, sz, models)), ("scan", lambda: _scan(t, sz, models)),
                         ("zoo", lambda: _zoo_in_process(t)), ("gradients", lambda: _gradients(t, sz, models)),
-                        ("merge", lambda: _merges(t, sz))):
+                        ("merge", lambda: _merges(t, sz)), ("sae", lambda: _sae(t, sz, models))):
             if not want(sec):
                 continue
             if sec == "merge" and not keep:
@@ -585,6 +748,37 @@ def _gradients(t: Table, sz: dict, models: str) -> None:
                    f"(P = {P / 1e6:.0f}M). Without a budget the Gramian-only mode builds it before taking the "
                    "products; under max_bytes it takes them over parameter groups that fit (T backward passes "
                    "per group), so its peak follows the budget instead of T x P")
+
+
+def _sae(t: Table, sz: dict, models: str) -> None:
+    """TopK SAE training against SAELens (same init, batches, steps, lr, clipping), and
+    attribution over every SAE feature at three GPT-2-small sites against exact patching."""
+    ours, theirs = measure("sae_workbench", "none", models), measure("sae_saelens", "none", models)
+    what = (f"TopK SAE training, d_in {sz['sae_d']}, {sz['sae_features']} features, k {sz['sae_k']}, "
+            f"{sz['sae_steps']} steps of {sz['sae_batch']}")
+    t.add(f"{what}, time (s) [target <= 0.67x SAELens, i.e. >= 1.5x faster]", ours["seconds"], theirs["seconds"])
+    t.add(f"{what}, CPU time of the process (s) [target <= 0.67x SAELens]", ours["cpu_s"], theirs["cpu_s"])
+    t.add(f"{what}, held-out FVU [vs SAELens, equal]", ours["fvu"], theirs["fvu"])
+    t.add(f"{what}, peak (MB) [vs SAELens]", ours["peak_mb"], theirs["peak_mb"])
+    t.notes.append(f"SAE training data: {sz['sae_rows']} rows (8192 held out), each a sum of 16 of "
+                   f"{sz['sae_features']} random unit directions with exponential magnitudes, a shared mean (0.1 x "
+                   "Gaussian) and noise 0.05; Adam at a constant lr 1e-3, gradients clipped at norm 1, no aux loss, fresh process each; "
+                   "the CPU time (one thread) is less sensitive than wall time to other processes on a shared machine")
+    r = measure("sae_attribution", "gpt2-small", models)
+    n_sites = len(ATTR_SITES)
+    what = (f"gpt2-small node effects, {n_sites} sites x {sz['attr_features']} random TopK features (k 32), "
+            f"{sz['attr_pairs']} agreement pairs")
+    t.add(f"{what}: attribution vs exact patching, time per node (s) [target <= 0.01x, i.e. >= 100x]",
+          r["attribution_s"] / r["nodes"], r["exact_s"] / r["exact_nodes"])
+    t.notes.append(f"attribution vs exact patching: {r['exact_s'] / r['exact_nodes'] / (r['attribution_s'] / r['nodes']):.0f}x "
+                   "faster per node")
+    t.add(f"{what}: attribution over all {r['nodes']} nodes vs exact over {r['exact_nodes']}, time (s)",
+          r["attribution_s"], r["exact_s"])
+    t.notes.append(f"node effects at {', '.join(ATTR_SITES)}: exact patching of {sz['attr_exact']} random features per "
+                   f"site among those whose value changes between clean and corrupted ({r['changing']}) plus the error "
+                   f"nodes; Spearman of attribution with exact on the top {ATTR_TOP} exact nodes "
+                   f"{r['spearman_top']:.3f} [target >= 0.8], on all {r['exact_nodes']} anchored nodes "
+                   f"{r['spearman_anchored']:.3f}")
 
 
 RATIOS = [(0, 1, "workbench/anchor")]
