@@ -72,17 +72,24 @@ def test_steering_known_answer(linear, pairs):  # noqa: F811
     assert "top_after" not in r.attrs
 
 
+def _pushing_sae(linear):
+    """A random SAE whose feature 5 points along the unembedding of the token with the
+    largest unembedding norm (steering it hard makes the model say that token)."""
+    sae = random_sae(32, 16, "resid_post.1", seed=4)
+    W_U = linear.W_U.detach()
+    target = int(W_U.T.norm(dim=1).argmax())
+    with torch.no_grad():
+        sae.W_dec[5] = W_U[:, target] / W_U[:, target].norm()
+    return sae, target
+
+
 def test_steering_lists_what_the_model_says_next(linear, pairs):  # noqa: F811
     """top_k: the most probable next tokens (probability averaged over prompts at the last
     position) before and after; a strong push along a token's unembedding makes it first."""
     from workbench.tokens import token_strings
 
     clean, _, metric = pairs
-    sae = random_sae(32, 16, "resid_post.1", seed=4)
-    W_U = linear.W_U.detach()
-    target = int(W_U.T.norm(dim=1).argmax())
-    with torch.no_grad():
-        sae.W_dec[5] = W_U[:, target] / W_U[:, target].norm()
+    sae, target = _pushing_sae(linear)
     r = steer(linear, sae, 5, 200.0, clean, metric, positions="last", top_k=4)
     batch = linear.tokenize(clean)
     probs = torch.softmax(linear.logits(batch)[torch.arange(len(clean)), batch.last].float(), -1).mean(0)
@@ -100,11 +107,7 @@ def test_steering_continues_the_text_greedily(linear, pairs):  # noqa: F811
     """max_new_tokens: each prompt's greedy continuation without steering equals a manual
     greedy loop; a strong push along a token's unembedding makes every new token that one."""
     clean, _, metric = pairs
-    sae = random_sae(32, 16, "resid_post.1", seed=4)
-    W_U = linear.W_U.detach()
-    target = int(W_U.T.norm(dim=1).argmax())
-    with torch.no_grad():
-        sae.W_dec[5] = W_U[:, target] / W_U[:, target].norm()
+    sae, target = _pushing_sae(linear)
     r = steer(linear, sae, 5, 500.0, clean, metric, positions="last", max_new_tokens=3)
     batch = linear.tokenize(clean)
     for row, text in enumerate(r.attrs["text_before"]):
