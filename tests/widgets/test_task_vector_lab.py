@@ -183,11 +183,14 @@ def test_export_writes_the_view(lab, tmp_path):
     assert "capitalize: " in text  # the coefficients, as text
 
 
-def test_every_plot_opens_with_what_it_shows(lab):
+def test_every_plot_opens_with_what_it_shows(lab, tasklm):
     # no figure is updated between its construction and its first draw: the state the front end
-    # opens with is the one shown (an update that lands before plotly's widget code loads is lost)
-    again = TaskVectorLab(lab.merge, lab.diagnostics, finetuned=lab.finetuned, fvs=lab.fvs,
-                          sweeps=[lab.sweep_result])
+    # opens with is the one shown (an update that lands before plotly's widget code loads is lost).
+    # The saved sweep is the one of the selection a new lab opens on (not of whatever the shared
+    # ``lab`` shows after the tests before this one moved it).
+    first = TaskVectorLab(lab.merge, lab.diagnostics, finetuned=lab.finetuned, fvs=lab.fvs)
+    sweep = layer_sweep(tasklm, lab.fvs[first.task], first.heads, n_prompts=32)
+    again = TaskVectorLab(lab.merge, lab.diagnostics, finetuned=lab.finetuned, fvs=lab.fvs, sweeps=[sweep])
     for fig in (again.bars, again.cosine, again.heatmap, again.sweep):
         assert fig._last_trace_edit_id == 0 and fig._last_layout_edit_id == 0
-    assert again.sweep._widget_data[0]["y"] == list(lab.sweep_result["accuracy"])
+    assert again.sweep._widget_data[0]["y"] == list(sweep["accuracy"])
