@@ -40,7 +40,7 @@ import numpy as np
 import traitlets
 
 from widgets.common import (
-    controls_row, full_label, needs, reason_html, responsive_figure, update_in_place, wrap_box,
+    controls_row, full_label, needs, reason_html, responsive_figure, run_busy, update_in_place, working, wrap_box,
 )
 from widgets.export import export_controls
 from widgets.export import export_html as write_html
@@ -56,10 +56,6 @@ STEER_NEW_TOKENS = 6  # greedy continuation shown before and after steering
 
 def _missing(**given) -> list[str]:
     return [f"{k}=" for k, v in given.items() if v is None]
-
-
-def _working(what: str) -> str:
-    return f"<i>working: {html.escape(what)}...</i>"
 
 
 # ---------------------------------------------------------------------- the dashboard
@@ -157,7 +153,7 @@ class FeatureDashboard(W.VBox):
         """The "show" button: the feature id and site typed above (said on screen when it
         cannot be shown)."""
         site, feature = self.site_select.value, int(self.feature_box.value)
-        self.jump_status.value = _working(f"summarising {site}/{feature}")
+        self.jump_status.value = working(f"summarising {site}/{feature}")
         start = time.perf_counter()
         try:
             self.show(feature, site=site)
@@ -355,7 +351,7 @@ class CircuitExplorer(W.VBox):
         a = self.graph.attrs
         nt, et = min(self.node_threshold, a["node_threshold"]), min(self.edge_threshold, a["edge_threshold"])
         n = int((np.abs(self.graph["effect"]) >= nt).sum())
-        self.edge_note.value = _working(f"computing the edges between {n} nodes")
+        self.edge_note.value = working(f"computing the edges between {n} nodes")
         start = time.perf_counter()
         self.graph = find_circuit(self.subject, self.saes, self.clean, self.corrupted, self.metric, node_threshold=nt,
                                   edge_threshold=et, effects=self.graph)
@@ -422,7 +418,7 @@ class CircuitExplorer(W.VBox):
         known = self.dashboard.summaries if self.dashboard is not None else {
             (s.attrs["site"], int(s.attrs["feature"])): s for s in self.summaries}
         if (site, feature) not in known and self.texts is not None and self.offline is None:
-            self.node_info.value += " " + _working("summarising the feature")
+            self.node_info.value += " " + working("summarising the feature")
         if self.dashboard is None:
             self.dashboard = FeatureDashboard(self.summaries, subject=self.subject, saes=self.saes, texts=self.texts,
                                               site=site, feature=feature)
@@ -464,12 +460,7 @@ class CircuitExplorer(W.VBox):
         if self.offline is not None:
             self.status.value = reason_html(self.offline)
             return None
-        self.status.value = _working(what)
-        try:
-            result = fn()
-        except Exception as e:  # shown in the widget, then raised for the notebook
-            self.status.value = f'<span style="color:#b00">{html.escape(str(e))}</span>'
-            raise
+        result = run_busy(self.status, None, what, fn)  # an error is shown in the widget, then raised
         self._show_metric(result)
         return result
 

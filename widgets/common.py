@@ -238,11 +238,16 @@ def needs(button: W.Button, reason: str | None) -> None:
         button.tooltip = reason
 
 
+def working(note: str) -> str:
+    """The busy note every widget shows while an action runs: "working... (note)"."""
+    return f"<i>working...</i> ({html.escape(note)})"
+
+
 def run_busy(status: W.HTML, button: W.Button | None, note: str, fn):
     """Run ``fn()`` for a control: ``status`` says "working... (note)" and ``button`` is
     off while it runs; an error is shown in ``status`` (escaped) and raised to the caller.
     Returns what ``fn`` returns."""
-    status.value = f"<i>working...</i> ({html.escape(note)})"
+    status.value = working(note)
     if button is not None:
         button.disabled = True
     try:

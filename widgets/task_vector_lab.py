@@ -38,7 +38,7 @@ import ipywidgets as W
 import traitlets
 
 from widgets.common import (
-    controls_row, full_label, member, reason_html, responsive_figure, update_in_place, wrap_box,
+    controls_row, full_label, member, reason_html, responsive_figure, update_in_place, working, wrap_box,
 )
 from widgets.export import export_controls
 from widgets.export import export_html as write_html
@@ -214,7 +214,7 @@ class TaskVectorLab(W.VBox):
 
         start = time.perf_counter()
         self._enable_params()
-        self.status.value = "<i>working... (re-merging and scoring every task)</i>"
+        self.status.value = working("re-merging and scoring every task")
         dare = self.method in ("dare", "dare_ties")
         self.merge = merge_accuracy(self.ev, self.method, self.coefficients(), lam=self.lam.value,
                                     density=self.density.value if self.method == "ties" else 1.0,
@@ -241,8 +241,8 @@ class TaskVectorLab(W.VBox):
                 from workbench.taskvec.accuracy import layer_sweep
 
                 fv = self.fvs[task]
-                self.sweep_reason.value = (f"<i>working... (layer sweep of {len(heads)} heads over "
-                                           f"{len(fv.coord('layer'))} layers)</i>")
+                self.sweep_reason.value = working(f"layer sweep of {len(heads)} heads over "
+                                                  f"{len(fv.coord('layer'))} layers")
                 self._sweeps[key] = layer_sweep(self.subject, fv, list(heads), n_prompts=self.n_sweep)
             else:
                 same = [s for (t, hs), s in self._sweeps.items() if t == task and set(hs) == set(heads)]
