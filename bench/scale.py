@@ -90,7 +90,7 @@ SMALL = dict(prompts=8, half=32, scan_prompts=2, scan_half=16, scan_layers=2, tg
              attr_features=2048, attr_pairs=16, attr_exact=64)
 FULL = dict(prompts=64, half=64, scan_prompts=8, scan_half=32, scan_layers=None, tg_prompts=8, tg_half=32,
             merge_layers=(4, 16), growth=((128, 64), (64, 128)),
-            sae_d=768, sae_features=24576, sae_k=32, sae_steps=1000, sae_batch=4096, sae_rows=1 << 20,
+            sae_d=768, sae_features=24576, sae_k=32, sae_steps=150, sae_batch=4096, sae_rows=1 << 19,
             attr_features=24576, attr_pairs=32, attr_exact=64)
 SAE_LR = 1e-3
 ATTR_SITES = ("resid_post.3", "attn_out.6", "mlp_out.9")

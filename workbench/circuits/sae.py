@@ -685,15 +685,57 @@ class TrainingLog(Result):
     """Per-step loss, MSE, L0 and dead fraction of an SAE training run."""
 
 
-def _aux_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, k_aux: int):
+class SparsePre(torch.autograd.Function):
+    """``pre.gather(-1, idx)`` for the encoder pre-activations ``pre = xc @ W_enc + b_enc``
+    (computed beforehand without a graph), differentiable in ``xc``, ``W_enc`` and
+    ``b_enc``. Its backward touches only the gathered entries: [rows, k] gradients give
+    ``W_enc``'s gradient by index_add (rows x k x d_in work) and ``xc``'s through
+    ``embedding_bag``, where autograd through the dense ``pre`` would run two dense
+    [rows, d_in] x [d_in, d_sae] products on a gradient that is zero outside the k
+    entries. Gradients accumulate in float32 at least."""
+
+    ROWS = 256  # rows per index_add chunk (bounds the [rows, k, d_in] temporary)
+
+    @staticmethod
+    def forward(ctx, xc, W_enc, b_enc, pre, idx):  # noqa: D102
+        ctx.save_for_backward(xc, W_enc, idx)
+        return pre.gather(-1, idx)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        xc, W_enc, idx = ctx.saved_tensors
+        d, n = W_enc.shape
+        acc = torch.promote_types(g.dtype, torch.float32)
+        g = g.to(acc)
+        gx = gW = gb = None
+        if ctx.needs_input_grad[2]:
+            gb = torch.zeros(n, dtype=acc, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+            gb = gb.to(W_enc.dtype)
+        if ctx.needs_input_grad[1]:
+            gWT = torch.zeros(n, d, dtype=acc, device=g.device)
+            x = xc.to(acc)
+            for a in range(0, len(x), SparsePre.ROWS):
+                b = a + SparsePre.ROWS
+                gWT.index_add_(0, idx[a:b].reshape(-1), (g[a:b, :, None] * x[a:b, None, :]).reshape(-1, d))
+            gW = gWT.t().to(W_enc.dtype).contiguous()
+        if ctx.needs_input_grad[0]:
+            gx = F.embedding_bag(idx, W_enc.t().to(acc).contiguous(), per_sample_weights=g, mode="sum")
+            gx = gx.to(xc.dtype)
+        return gx, gW, gb, None, None
+
+
+def _aux_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, k_aux: int,
+              pre_at=None):
     """TopK auxiliary loss (Gao et al.): the dead features' top k_aux pre-activations
-    reconstruct the residual error, normalised by its variance."""
+    reconstruct the residual error, normalised by its variance. ``pre_at(idx)`` gives the
+    differentiable pre-activations at ``idx`` (default: gathered from ``pre``)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
     err = (x - x_hat).detach()
-    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-    vals, idx = masked.topk(min(k_aux, n_dead), dim=-1)
+    masked = torch.where(dead, pre.detach(), torch.full_like(pre, -torch.inf, requires_grad=False))
+    _, idx = masked.topk(min(k_aux, n_dead), dim=-1)
+    vals = pre_at(idx) if pre_at is not None else pre.gather(-1, idx)
     err_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=F.relu(vals), mode="sum")
     denom = (err - err.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-8)
     return (err_hat - err).pow(2).sum(-1).mean() / denom
@@ -848,17 +890,25 @@ def train_sae(
             check_finite(x, f"the training batch of step {step}")
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            pre = sae.pre(x)
             aux = x.new_zeros(())
-            if sae.kind == "topk":
-                vals, idx = pre.topk(sae.k, dim=-1)
-                vals = F.relu(vals)
+            pre_at = None
+            if sae.kind == "topk":  # dense pre without a graph; the gradient flows through k entries per row
+                xc = sae.sae_in(x)
+                with torch.no_grad():
+                    pre = xc @ sae.W_enc + sae.b_enc
+
+                def pre_at(ix, xc=xc, pre=pre):
+                    return SparsePre.apply(xc, sae.W_enc, sae.b_enc, pre, ix)
+
+                idx = pre.topk(sae.k, dim=-1).indices
+                vals = F.relu(pre_at(idx))
                 x_hat = sae.decode_sparse(vals, idx)
                 fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)
                 fired[idx[vals > 0]] = True
                 l0 = (vals > 0).sum(-1).float().mean()
                 sparsity = x.new_zeros(())
             else:
+                pre = sae.pre(x)
                 if sae.kind == "relu":
                     f = F.relu(pre)
                 else:
@@ -877,7 +927,7 @@ def train_sae(
             since_fired[fired] = 0
             dead = since_fired >= dead_after
             if sae.kind in ("topk", "batchtopk") and aux_coeff > 0:
-                aux = _aux_loss(sae, x, x_hat, pre, dead, k_aux)
+                aux = _aux_loss(sae, x, x_hat, pre, dead, k_aux, pre_at)
             loss = mse + l1_coeff * sparsity + aux_coeff * aux
             if not bool(torch.isfinite(loss)):
                 raise WorkbenchError(f"the loss of step {step} is {float(loss.detach())} (MSE {float(mse.detach())}) "

@@ -118,7 +118,7 @@ def trim_count(numel: int, density: float) -> int:
 
 
 def magnitudes(delta: torch.Tensor) -> torch.Tensor:
-    """|delta| flattened, in float32 at least (kthvalue and float8 need it)."""
+    """|delta| flattened, in float32 at least (kthvalue and float8 need it): a new tensor."""
     mag = delta.abs().reshape(-1)
     return mag if mag.dtype in (torch.float32, torch.float64) else mag.float()
 
@@ -130,13 +130,21 @@ def trim_threshold(delta: torch.Tensor, density: float) -> float | None:
 
 
 def magnitude_threshold(mag: torch.Tensor, density: float) -> float | None:
-    """:func:`trim_threshold` from the magnitudes ``mag`` (flat, float32 at least) themselves."""
+    """:func:`trim_threshold` from the magnitudes ``mag`` (flat, float32 at least) themselves.
+
+    On the CPU the selection runs in place (numpy's introselect reorders ``mag``, so pass
+    a copy of your own): ``torch.kthvalue`` would copy the values and build an int64 index
+    of the whole tensor, three times the delta's float32 size for a large embedding."""
     n = mag.numel()
     k = trim_count(n, density)
     if k >= n:
         return None
     if k == 0:
         return math.inf
+    if mag.device.type == "cpu" and mag.is_contiguous():
+        a = mag.numpy()
+        a.partition(n - k)
+        return float(a[n - k])
     return mag.kthvalue(n - k + 1).values.item()
 
 
@@ -399,14 +407,15 @@ def _merge_key(base_t: torch.Tensor, tvs: Sequence[TaskVector], key: str, weight
 def merge_bytes(base: Checkpoint, n: int, *, keep: bool = True) -> int:
     """Bytes ``merge`` holds: the merged state (the base's size and dtypes; with
     ``keep=False`` only its largest tensor) plus, for the largest floating tensor, the
-    two checkpoints' copies being subtracted, the float32 delta and kthvalue's copy of its
-    magnitudes (TIES thresholds), and a slice of ``CHUNK`` entries of each of the ``n``
-    deltas with their work copies."""
+    base's copy and the two checkpoints' copies being subtracted, the delta in the work
+    dtype (float32; the TIES threshold is selected in place on it), and a slice of
+    ``CHUNK`` entries of each of the ``n`` deltas with their work copies."""
     sizes = [base.nbytes(k) for k in base.all_keys()]
     out = sum(sizes) if keep else max(sizes, default=0)
     big = max((math.prod(base.shape(k)) for k in base.keys()), default=0)
     src = max((base.nbytes(k) for k in base.keys()), default=0)
-    return out + 2 * src + 4 * (2 * big + min(big, CHUNK) * (n + 3))
+    work = 8 if any(base.dtype(k) == torch.float64 for k in base.keys()) else 4
+    return out + 3 * src + work * (big + min(big, CHUNK) * (n + 3))
 
 
 def merge(

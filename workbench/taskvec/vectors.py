@@ -29,6 +29,17 @@ def _work(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def sub_in_slices(d: torch.Tensor, b: torch.Tensor, rows: int = 1 << 20) -> torch.Tensor:
+    """``d -= b`` in place, slice by slice when ``b`` is narrower than ``d`` (a bf16 base
+    from a float32 copy): ``sub_`` would first promote the whole of ``b``."""
+    if b.dtype == d.dtype:
+        return d.sub_(b)
+    fd, fb = d.view(-1), b.reshape(-1)
+    for lo in range(0, fd.numel(), rows):
+        fd[lo:lo + rows].sub_(fb[lo:lo + rows])
+    return d
+
+
 class TaskVector:
     """``finetuned - base``, tensor by tensor, computed on demand (float32; float64 for
     float64 checkpoints).
@@ -89,7 +100,7 @@ class TaskVector:
                 d = f.to(_work(f), copy=True)
             else:
                 b = base.get(key)
-                d = f.to(_work(f, b), copy=True).sub_(b)
+                d = sub_in_slices(f.to(_work(f, b), copy=True), b)
                 if not all_finite(d):
                     check_finite(b, key, base.name)
                     check_finite(f, key, ft.name)
