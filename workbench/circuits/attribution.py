@@ -74,6 +74,8 @@ def spliced_run(subject, batch: Batch, saes: Mapping[str, object], *, edit=None,
     site's nodes; ``leaves`` adds zero leaves to every node (their ``.grad`` is then dm/dnode).
 
     Returns ({site: (f, err)} node values, {site: (df, derr)} leaves or {}, logits)."""
+    if leaves or grad:
+        subject.require_local("gradients between SAE nodes (find_circuit's edges)")
     ctx = torch.enable_grad() if (grad or leaves) else torch.no_grad()
     with ctx, subject.trace(batch):
         nodes, lv = {}, {}
