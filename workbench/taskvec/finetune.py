@@ -126,6 +126,7 @@ class MergeEvaluator:
                  n: int = 64, split: str = "test", seed: int = 0) -> None:
         if not task_vectors:
             raise WorkbenchError("MergeEvaluator needs at least one task vector")
+        subject.require_local("MergeEvaluator (it runs the merged weights)")
         self.subject = subject
         self.model = subject.model
         self.names = list(task_vectors)
