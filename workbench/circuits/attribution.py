@@ -198,6 +198,7 @@ def find_circuit(
     """Node effects (``method``), then edges by vector-Jacobian products between the nodes
     of consecutive sites whose |effect| >= ``node_threshold``; edges with |weight| <
     ``edge_threshold`` are dropped. Pass ``effects`` to reuse computed node effects."""
+    subject.require_local("find_circuit (its edges are gradients between SAE nodes across sites)")
     saes = ordered_saes(subject, saes)
     metric = resolve_metric(metric)
     cb, xb = pair_batches(subject, clean, corrupted)
