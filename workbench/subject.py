@@ -721,8 +721,8 @@ REMOTE_REFUSED = ("device_map", "max_memory", "offload_folder", "offload_state_d
 def _load_remote(name: str, in_zoo: bool, remote, device, dtype, hf_kwargs: dict) -> Subject:
     """``load(..., remote=True)``: nnsight's ``TransformersModel`` for the hub id of a causal
     language model (its config and tokenizer, and an empty skeleton on the ``meta``
-    device, no weights), every trace sent to NDIF. The workbench package is registered with nnsight to travel by value, since
-    the server does not have it installed."""
+    device, no weights), every trace sent to NDIF. The workbench package is registered
+    with nnsight to travel by value, since the server does not have it installed."""
     if not isinstance(remote, bool):
         raise WorkbenchError(f"remote must be True (every trace runs on NDIF) or False (runs here), got {remote!r}")
     if in_zoo or os.path.exists(name) or not _HUB_ID.match(name):

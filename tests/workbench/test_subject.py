@@ -202,7 +202,7 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 
 def test_remote_passes_through_to_nnsight(monkeypatch, word_tokenizer):
-    """remote=True builds nnsight's LanguageModel from the hub id and runs every trace with
+    """remote=True builds nnsight's TransformersModel from the hub id and runs every trace with
     remote=True (NDIF itself cannot be reached offline, so the wrapper is faked)."""
     import nnsight
 
