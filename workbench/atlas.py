@@ -554,6 +554,7 @@ def task_atlas(subject, tasks: Sequence[str] | None = None, *, config: AtlasConf
                cache_dir: str | os.PathLike | None = None, progress: bool = True) -> TaskAtlas:
     """The whole atlas of ``tasks`` (default: the 8 word tasks) on ``subject``; stages
     cached in ``cache_dir`` so an interrupted run resumes."""
+    subject.require_local("task_atlas (it fine-tunes and merges the weights)")
     cfg = config or AtlasConfig()
     tasks = list(tasks or DEFAULT_TASKS)
     if len(tasks) < 3:

@@ -182,6 +182,7 @@ class Subject:
 
     def W_O(self, layer: int) -> torch.Tensor:
         """Per-head output projection of a layer, [head, d_head, d_model]."""
+        self.require_local("W_O (a weight matrix)")
         mod = self.module(f"z.{layer}")
         w = mod.weight
         # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
@@ -193,6 +194,7 @@ class Subject:
         """Unembedding matrix [d_model, vocab] (the LM head's final linear map)."""
         if not self.has_logits:
             raise WorkbenchError("this model has no LM head, so no unembedding")
+        self.require_local("W_U (a weight matrix)")
         head = self.model.get_submodule(self._unembed)
         lin = head if isinstance(head, torch.nn.Linear) else [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
         return lin.weight.T
@@ -217,6 +219,18 @@ class Subject:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def require_local(self, what: str) -> None:
+        """Refuse ``what`` on a remote subject: its weights stay on the NDIF server (the
+        local copy is an empty skeleton on the ``meta`` device), and a trace sends back
+        saved values without their autograd graph. Activations, patched logits and
+        :meth:`gradients` do work remotely; ``what`` names what does not."""
+        if self.remote:
+            raise WorkbenchError(
+                f"{what} needs the model's weights (or an autograd graph) on this machine, but {self.name!r} was "
+                "loaded with remote=True, so its weights stay on the NDIF server. Remotely, use what runs through "
+                "traces (subject.cache / logits / gradients and the lenses built on them, see docs/remote.md), or "
+                f"load the model locally (workbench.load({self.name!r}))")
 
     # ------------------------------------------------------------------ inputs
 
@@ -443,6 +457,8 @@ class Subject:
         ``patch`` maps sites to a replacement tensor or a function of the current one.
         The forward stops after the last site needed unless ``stop=False``.
         """
+        if grad:
+            self.require_local("cache(..., grad=True) (activations that carry their autograd graph back)")
         sites = list(sites)
         plan = self._plan(sites, patch)
         need_logits = any(s.kind == "logits" for s, _, _ in plan)
@@ -478,7 +494,13 @@ class Subject:
         derivative d metric / d activation, through every later site too (a detached copy
         in place of the activation would cut the paths through later sites). Parameter
         gradients are not computed.
+
+        On a remote subject the metric and the backward pass run inside the trace, on
+        the server (the saved values come back without their graph), and only the
+        activations, the gradients and the metric value travel back.
         """
+        if self.remote:
+            return self._remote_gradients(inputs, sites, metric, patch)
         batch = self.as_batch(inputs)
         sites = [self.site(s).name for s in sites]
         plan = self._plan(sites + ["logits"], patch)
@@ -508,6 +530,32 @@ class Subject:
         acts = dict(saved)
         grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in deltas.items()}
         return acts, grads, value.detach()
+
+    def _remote_gradients(self, inputs, sites, metric, patch):
+        """:meth:`gradients` with the metric and ``torch.autograd.grad`` inside the trace
+        (the same leaves, the same sums), for a subject whose trace runs on NDIF."""
+        batch = self.as_batch(inputs)
+        sites = [self.site(s).name for s in sites]
+        plan = self._plan(sites + ["logits"], patch)
+        with torch.enable_grad(), self.trace(batch):
+            saved, deltas = {}, {}
+            for s, op, fn in plan:
+                if op == "patch":
+                    self.patch(s, fn)
+                elif s.kind == "logits":
+                    logits = self.read(s)
+                else:
+                    x = self.read(s)
+                    delta = torch.zeros_like(x, requires_grad=True)
+                    self.write(s, x + delta)
+                    saved[s.name], deltas[s.name] = x.detach(), delta
+            value = metric(logits, batch)
+            names = list(deltas)
+            got = torch.autograd.grad(value.sum() if value.ndim else value, [deltas[k] for k in names],
+                                      allow_unused=True)
+            grads = {k: torch.zeros_like(deltas[k]) if g is None else g for k, g in zip(names, got)}
+            saved, grads, value = save(saved), save(grads), save(value.detach())
+        return dict(saved), dict(grads), value
 
     # ------------------------------------------------------------------ provenance
 
@@ -607,7 +655,10 @@ def load(
     you pass it; ``max_memory={"cpu": "2GB"}`` with ``offload_folder=...`` caps what is
     held in memory and offloads the remaining layers to disk through accelerate, for
     a model larger than the memory given to it). Attention defaults to ``attn_implementation="eager"`` so attention
-    patterns can be read. ``remote=True`` runs every trace on NDIF through nnsight.
+    patterns can be read. ``remote=True`` runs every trace on NDIF through nnsight: it takes a
+    hub id that NDIF hosts, keeps only an empty skeleton here, and refuses ``device``,
+    ``dtype`` and the placement keywords (``device_map``, ``max_memory``, ...), which have
+    no meaning there; see docs/remote.md for what works remotely.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -619,6 +670,8 @@ def load(
     entry = zoo.get(name)
     hf_kwargs.setdefault("attn_implementation", "eager")
     hf_kwargs.setdefault("trust_remote_code", False)
+    if remote is not False:
+        return _load_remote(name, entry is not None, remote, device, dtype, hf_kwargs)
     weights_sha = None
     if entry is not None:
         path = entry.path()
@@ -633,12 +686,6 @@ def load(
             f"{', '.join(zoo.names())}. For a Hugging Face model pass its hub id (e.g. 'gpt2', "
             "'EleutherAI/pythia-70m'); for a local model pass the directory holding config.json."
         )
-
-    if remote:
-        from nnsight import LanguageModel
-
-        nn = LanguageModel(path, **hf_kwargs)
-        return Subject(nn._model, nn.tokenizer, name=name, nn=nn, remote=True)
 
     dev = _pick_device(device)
     _check_dispatch(hf_kwargs)
@@ -666,6 +713,47 @@ def load(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=hf_kwargs.get("revision"))
     return Subject(model, tokenizer, name=name, weights_sha256=weights_sha)
+
+
+REMOTE_REFUSED = ("device_map", "max_memory", "offload_folder", "offload_state_dict", "quantization_config")
+
+
+def _load_remote(name: str, in_zoo: bool, remote, device, dtype, hf_kwargs: dict) -> Subject:
+    """``load(..., remote=True)``: nnsight's ``TransformersModel`` for the hub id of a causal
+    language model (its config and tokenizer, and an empty skeleton on the ``meta``
+    device, no weights), every trace sent to NDIF. The workbench package is registered
+    with nnsight to travel by value, since the server does not have it installed."""
+    if not isinstance(remote, bool):
+        raise WorkbenchError(f"remote must be True (every trace runs on NDIF) or False (runs here), got {remote!r}")
+    if in_zoo or os.path.exists(name) or not _HUB_ID.match(name):
+        what = ("a zoo model" if in_zoo else "a local path" if os.path.exists(name) else "not a hub id")
+        raise WorkbenchError(
+            f"remote=True needs the Hugging Face hub id of a model the NDIF server hosts (e.g. "
+            f"'meta-llama/Llama-3.1-8B'; nnsight.ndif.status() lists them), but {name!r} is {what}: its weights "
+            "exist only on this machine. Load it without remote=True.")
+    if not (isinstance(device, str) and device == "auto"):
+        raise WorkbenchError(f"device={device!r} does not apply with remote=True: the NDIF server places the "
+                             "model; leave device='auto'")
+    if not (isinstance(dtype, str) and dtype == "auto"):
+        raise WorkbenchError(f"dtype={dtype!r} does not apply with remote=True: the NDIF server runs the model in "
+                             "the dtype it was deployed in; leave dtype='auto'")
+    given = [k for k in REMOTE_REFUSED if hf_kwargs.get(k) is not None]
+    if given:
+        raise WorkbenchError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with remote=True: "
+                             "they place or quantize weights on this machine, and a remote model's weights stay "
+                             "on the NDIF server. Remote, pass only revision= or trust_remote_code=; for a model "
+                             "larger than this machine without NDIF, use device_map='auto' instead of remote=True")
+    import nnsight
+
+    import workbench
+
+    nnsight.register(workbench)  # the server has no workbench: the code in the traces travels by value
+    try:
+        nn = nnsight.TransformersModel(name, task="text-generation", **hf_kwargs)
+    except OSError as err:  # no such repo, a gated one, or no connection to the hub
+        raise WorkbenchError(f"could not read {name!r} from the Hugging Face hub ({err}); remote=True reads the "
+                             "config and tokenizer from the hub, then runs every trace on NDIF") from err
+    return Subject(nn._module, nn.tokenizer, name=name, nn=nn, remote=True)
 
 
 def _check_dispatch(hf_kwargs: Mapping[str, Any]) -> None:

@@ -202,7 +202,7 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 
 def test_remote_passes_through_to_nnsight(monkeypatch, word_tokenizer):
-    """remote=True builds nnsight's LanguageModel from the hub id and runs every trace with
+    """remote=True builds nnsight's TransformersModel from the hub id and runs every trace with
     remote=True (NDIF itself cannot be reached offline, so the wrapper is faked)."""
     import nnsight
 
@@ -212,15 +212,16 @@ def test_remote_passes_through_to_nnsight(monkeypatch, word_tokenizer):
     class FakeLM:
         def __init__(self, repo, **kw):
             built.update(repo=repo, **kw)
-            self._model, self.tokenizer = model, word_tokenizer
+            self._module, self.tokenizer = model, word_tokenizer
 
         def trace(self, *args, **kwargs):
             traced.update(kwargs)
             raise RuntimeError("stop here")
 
-    monkeypatch.setattr(nnsight, "LanguageModel", FakeLM)
+    monkeypatch.setattr(nnsight, "TransformersModel", FakeLM)
     s = workbench.load("openai-community/gpt2", remote=True)
     assert s.remote and built["repo"] == "openai-community/gpt2" and built["attn_implementation"] == "eager"
+    assert built["task"] == "text-generation"
     with pytest.raises(RuntimeError, match="stop here"):
         s.trace(s.tokenize(PROMPTS))
     assert traced["remote"] is True and "input_ids" in traced

@@ -22,6 +22,7 @@ def token_attribution(subject, prompt: str, *, target: str | int | None = None, 
     """Integrated gradients of log p(``target``) at the prompt's last token with respect
     to each input token's embedding (summed over the embedding dimensions). ``target``
     defaults to the model's top prediction; ``ig_steps`` points on the path."""
+    subject.require_local("token_attribution (captum integrated gradients through the local model)")
     from captum.attr import LayerIntegratedGradients
 
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:

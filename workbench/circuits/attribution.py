@@ -74,6 +74,8 @@ def spliced_run(subject, batch: Batch, saes: Mapping[str, object], *, edit=None,
     site's nodes; ``leaves`` adds zero leaves to every node (their ``.grad`` is then dm/dnode).
 
     Returns ({site: (f, err)} node values, {site: (df, derr)} leaves or {}, logits)."""
+    if leaves or grad:
+        subject.require_local("gradients between SAE nodes (find_circuit's edges)")
     ctx = torch.enable_grad() if (grad or leaves) else torch.no_grad()
     with ctx, subject.trace(batch):
         nodes, lv = {}, {}
@@ -196,6 +198,7 @@ def find_circuit(
     """Node effects (``method``), then edges by vector-Jacobian products between the nodes
     of consecutive sites whose |effect| >= ``node_threshold``; edges with |weight| <
     ``edge_threshold`` are dropped. Pass ``effects`` to reuse computed node effects."""
+    subject.require_local("find_circuit (its edges are gradients between SAE nodes across sites)")
     saes = ordered_saes(subject, saes)
     metric = resolve_metric(metric)
     cb, xb = pair_batches(subject, clean, corrupted)

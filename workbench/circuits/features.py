@@ -68,6 +68,7 @@ def feature_summary(
     batch_size: int = 32,
 ) -> FeatureSummary:
     """Dashboard data for ``feature`` of ``sae`` over ``texts``."""
+    subject.require_local("feature_summary (its logit effects multiply by W_U)")
     site = resolve_site(subject, sae, site)
     j = _check_feature(sae, feature)
     texts = list(texts)

@@ -317,6 +317,7 @@ def function_vector(
     ``prompts`` / ``corrupted``: your own datasets (as built by ``icl_prompts`` with this
     subject's tokenizer) in place of the drawn ones; prompts tokenized with another
     tokenizer are refused."""
+    subject.require_local("function_vector (it projects the head outputs through W_O)")
     task = get_task(task).name
     clean = _as_prompts(subject, prompts if prompts is not None else task, n_demos, n_prompts, seed=seed, split=split)
     cb = subject.tokenize(clean["prompt"])
@@ -401,6 +402,7 @@ def learn_head_weights(
     last token of ``resid_pre.layer`` makes zero-shot prompts of ``fv.task`` (``split``)
     predict their answers (Adam on the answer cross-entropy). ``init``: ``"zeros"`` or
     ``"ie"`` (the indirect effects, clipped at 0, scaled to sum to 1)."""
+    subject.require_local("learn_head_weights (a backward pass through logits brought back here)")
     layer = subject.site(f"resid_pre.{layer}").layer
     b, answers = zero_shot_batch(subject, fv.task, n_prompts, split=split, seed=seed)
     head_out = torch.tensor(fv["head_out"], dtype=torch.float32, device=subject.device)  # [L, H, d]

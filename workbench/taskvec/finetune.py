@@ -63,6 +63,7 @@ def finetune(
     exactly the updates it gets alone. Seeded: the same seed gives the same weights on the
     CPU. The subject's own model is not changed.
     """
+    subject.require_local("finetune (it trains a copy of the weights)")
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise WorkbenchError(f"need steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
     tasks = [task] if isinstance(task, str) else list(task)
@@ -125,6 +126,7 @@ class MergeEvaluator:
                  n: int = 64, split: str = "test", seed: int = 0) -> None:
         if not task_vectors:
             raise WorkbenchError("MergeEvaluator needs at least one task vector")
+        subject.require_local("MergeEvaluator (it runs the merged weights)")
         self.subject = subject
         self.model = subject.model
         self.names = list(task_vectors)
