@@ -93,6 +93,10 @@ FULL = dict(prompts=64, half=64, scan_prompts=8, scan_half=32, scan_layers=None,
             sae_d=768, sae_features=24576, sae_k=32, sae_steps=150, sae_batch=4096, sae_rows=1 << 19,
             attr_features=24576, attr_pairs=32, attr_exact=64)
 SAE_LR = 1e-3
+# max_bytes of the budget rows (MB): small enough that each lens must split its work (the SAE
+# trainer splits nothing: its budget is its own estimate, training_bytes)
+BUDGET_MB = {"budget_head_scores": 64, "budget_scan": 64}
+EXTRA: dict = {}  # what a measurement adds to its RESULT line (the budget it ran under)
 ATTR_SITES = ("resid_post.3", "attn_out.6", "mlp_out.9")
 ATTR_TOP = 20
 
@@ -226,6 +230,39 @@ def _op(name: str, subject, model, sz: dict, n: int, half: int):
                     return model(input_ids=ids).logits
         return f, f
 
+    if name.startswith("budget_"):  # each lens planning its batches under max_bytes = BUDGET_MB
+        # the warm-up is the same lens on one short prompt (one-time set-up, not the working set)
+        budget = BUDGET_MB.get(name, 0) * 2**20
+        if name == "budget_head_scores":
+            from workbench.attention import head_scores
+
+            ids = _ids(subject, n, half)
+
+            def f(x=ids):
+                return head_scores(subject, x, kinds=KINDS, n_boot=0, control=False, max_bytes=budget)
+            warm = lambda: f(_ids(subject, 1, 4))  # noqa: E731
+        elif name == "budget_scan":
+            from workbench.effects import Heads, Patching
+
+            ids = _ids(subject, sz["scan_prompts"], sz["scan_half"], seed=1)
+
+            def f(x=ids):
+                return Patching(subject, x, Heads(layers=[0, 1])).exact("loss", max_bytes=budget)
+            warm = lambda: f(_ids(subject, 1, 4))  # noqa: E731
+        else:
+            from workbench.circuits import SAE, train_sae
+            from workbench.circuits.sae import training_bytes
+
+            x = torch.randn(4 * 2048, subject.d_model, generator=torch.Generator().manual_seed(0))
+            sae = SAE(subject.d_model, sz["sae_features"], kind="topk", k=sz["sae_k"])
+            budget = training_bytes(sae, 2048)
+
+            def f(steps=4, batch_size=2048):
+                return train_sae(sae, x, steps=steps, batch_size=batch_size, progress=False, max_bytes=budget)
+            warm = lambda: f(1, 4)  # noqa: E731
+        EXTRA["budget_mb"] = budget / 2**20
+        return warm, f
+
     if name in ("ie_batched", "ie_loop", "scan_heads_zoo", "scan_heads_zoo_loop"):
         raise AssertionError("measured in-process on tasklm")
 
@@ -248,6 +285,7 @@ def _op(name: str, subject, model, sz: dict, n: int, half: int):
             # a quarter of the Jacobian, or the least that one parameter's gradients need (a group holds at least one)
             budget = (max(jacobian_bytes(T_TASKS, tensors) // 4, max(jacobian_bytes(T_TASKS, [p]) for p in tensors))
                       if name == "tg_gramian_budget" else None)
+            EXTRA["budget_mb"] = (budget or 0) / 2**20
 
             def f():
                 return task_gradients(losses(), params, family=subject.family, mode=mode, max_bytes=budget)
@@ -441,7 +479,8 @@ def child(spec: dict) -> None:
             timed()
             seconds = min(seconds, time.perf_counter() - start)
     n_params = sum(p.numel() for p in model.parameters())
-    print("RESULT " + json.dumps({"seconds": seconds, "peak_mb": peak / 2**20, "n_params": n_params}), flush=True)
+    print("RESULT " + json.dumps({"seconds": seconds, "peak_mb": peak / 2**20, "n_params": n_params, **EXTRA}),
+          flush=True)
 
 
 # ---------------------------------------------------------------------- in the driver
@@ -517,11 +556,20 @@ print(json.dumps({"rc": 0 if capped else p.returncode, "seconds": dt, "peak_mb":
 RSS_CAP_MB = 8192  # mergekit is stopped past this resident size (its figures are then lower bounds)
 
 _WORKBENCH_MERGE = r"""
-import sys, torch
+import json, sys, torch
+from pathlib import Path
 torch.set_num_threads(1)
-from workbench.taskvec import TaskVector, merge
+from workbench.taskvec import Checkpoint, TaskVector, merge
+from workbench.taskvec.merging import merge_bytes
 base, out, density, keep, *fts = sys.argv[1:]
-merge(base, [TaskVector(base, f) for f in fts], "ties", density=float(density), out=out, keep=keep == "keep")
+tvs = [TaskVector(base, f) for f in fts]
+budget = merge_bytes(Checkpoint(base), len(tvs), keep=keep == "keep")  # merge runs under its own estimate
+status = lambda k: next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                        if l.startswith(k + ":"))
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS")
+merge(base, tvs, "ties", density=float(density), out=out, keep=keep == "keep", max_bytes=budget)
+Path(out + ".json").write_text(json.dumps({"budget_mb": budget / 2**20, "call_peak_mb": (status("VmHWM") - before) / 2**20}))
 """
 
 
@@ -589,6 +637,10 @@ def _merges(t: Table, sz: dict) -> None:
             t.add(f"{label}, streamed (keep=False), time (s) [target <= 0.5x]", streamed["seconds"], theirs["seconds"])
             t.add(f"{label}, streamed (keep=False), peak (MB) [target <= 1.0x]", streamed["peak_mb"],
                   theirs["peak_mb"])
+            for what, out in (("kept", tmp / "ours.safetensors"), ("streamed", tmp / "ours_streamed")):
+                info = json.loads(Path(str(out) + ".json").read_text())
+                t.add(f"{label}, {what}, peak of the merge call (MB) [target <= 1.5x max_bytes = merge_bytes]",
+                      info["call_peak_mb"], info["budget_mb"])
             peaks.append((n_params, ours["peak_mb"], theirs["peak_mb"], streamed["peak_mb"]))
             print(f"  merge {layers} layers: ours {ours['seconds']:.1f} s {ours['peak_mb']:.0f} MB, mergekit "
                   f"{theirs['seconds']:.1f} s {theirs['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
@@ -642,7 +694,7 @@ def _zoo_in_process(t: Table) -> None:
           timeit(lambda: indirect_effects(lm, xb, answers, mz, batched=False), repeat=3, warmup=1, min_time=0.0))
 
 
-SECTIONS = ("heads", "scan", "zoo", "gradients", "merge", "sae")
+SECTIONS = ("heads", "scan", "zoo", "gradients", "merge", "sae", "budget")
 
 
 def run() -> Table:
@@ -663,11 +715,12 @@ def run() -> Table:
     try:
         # the sections that load saved models: every shape, or GPT-2-small alone for the sae section
         for shape in SHAPES if any(want(x) for x in ("heads", "scan", "gradients")) else \
-                ("gpt2-small",) if want("sae") else ():
+                ("gpt2-small",) if want("sae") or want("budget") else ():
             _build(shape, models)
         for sec, fn in (("heads", lambda: _heads(t, sz, models)), ("scan", lambda: _scan(t, sz, models)),
                         ("zoo", lambda: _zoo_in_process(t)), ("gradients", lambda: _gradients(t, sz, models)),
-                        ("merge", lambda: _merges(t, sz)), ("sae", lambda: _sae(t, sz, models))):
+                        ("merge", lambda: _merges(t, sz)), ("sae", lambda: _sae(t, sz, models)),
+                        ("budget", lambda: _budget(t, sz, models))):
             if not want(sec):
                 continue
             if sec == "merge" and not keep:
@@ -748,6 +801,20 @@ def _gradients(t: Table, sz: dict, models: str) -> None:
                    f"(P = {P / 1e6:.0f}M). Without a budget the Gramian-only mode builds it before taking the "
                    "products; under max_bytes it takes them over parameter groups that fit (T backward passes "
                    "per group), so its peak follows the budget instead of T x P")
+
+
+def _budget(t: Table, sz: dict, models: str) -> None:
+    """Each lens under a memory budget it must split its work for: the peak above the
+    resident size before the call, against max_bytes."""
+    shape = "gpt2-small"
+    for op, what in (("budget_head_scores", f"head_scores, {sz['prompts']} x {2 * sz['half'] + 1} tokens"),
+                     ("budget_scan", f"exact head scan of 2 layers, {sz['scan_prompts']} x {2 * sz['scan_half'] + 1} tokens"),
+                     ("budget_sae", f"train_sae TopK d_in 768, {sz['sae_features']} features, batches of 2048")):
+        r = measure(op, shape, models)
+        t.add(f"{shape} {what} under max_bytes, peak (MB) [target <= 1.5x max_bytes]", r["peak_mb"], r["budget_mb"])
+    r = measure("tg_gramian_budget", shape, models)
+    t.add(f"{shape} task_gradients Gramian-only mode under max_bytes, peak (MB) [target <= 1.5x max_bytes]",
+          r["peak_mb"], r["budget_mb"])
 
 
 def _sae(t: Table, sz: dict, models: str) -> None:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError, one_of
-from workbench.memory import DEFAULT_BUDGET_BYTES, rows_per_batch
+from workbench.memory import DEFAULT_BUDGET_BYTES, forward_bytes, rows_per_batch
 from workbench.metrics import Metric, resolve_metric, upcast
 from workbench.results import Result, provenance, register
 from workbench.subject import Batch
@@ -500,12 +500,8 @@ class Patching:
         return total
 
     def _copy_bytes(self, grad: bool = False) -> int:
-        s = self.subject
         b, p = self.batch.input_ids.shape
-        width = max(sn.width() for sn in self.sites)
-        size = torch.finfo(s.dtype).bits // 8 if s.dtype.is_floating_point else 4
-        per = b * p * (12 * s.d_model + s.n_heads * p + s.d_vocab + width) * max(size, 4)
-        return per * (2 * s.n_layers + 2) if grad else per
+        return forward_bytes(self.subject, b, p, width=max(sn.width() for sn in self.sites), grad=grad)
 
     # ------------------------------------------------------------------ methods
 

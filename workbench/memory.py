@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from workbench.errors import WorkbenchError
 
 DEFAULT_BUDGET_BYTES = int(os.environ.get("WORKBENCH_CACHE_BUDGET", 512 * 2**20))
@@ -16,6 +18,17 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+def forward_bytes(subject, rows: int, length: int, *, width: int = 0, grad: bool = False) -> int:
+    """Activation bytes of one forward over ``rows`` x ``length`` tokens: per token a
+    layer's working tensors (12 x d_model), a row of every head's pattern, the logits and
+    a metric's log-softmax of them (2 x d_vocab) and ``width`` more entries, at 4 bytes at
+    least; with ``grad`` the graph keeps about that much for every layer (2 x n_layers + 2
+    times)."""
+    size = torch.finfo(subject.dtype).bits // 8 if subject.dtype.is_floating_point else 4
+    per = rows * length * (12 * subject.d_model + subject.n_heads * length + 2 * subject.d_vocab + width) * max(size, 4)
+    return per * (2 * subject.n_layers + 2) if grad else per
 
 
 def rows_per_batch(bytes_per_row: int, budget: int, n_rows: int) -> int:

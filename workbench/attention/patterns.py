@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.memory import DEFAULT_BUDGET_BYTES, fmt_bytes, rows_per_batch
+from workbench.memory import DEFAULT_BUDGET_BYTES, fmt_bytes, forward_bytes, rows_per_batch
 from workbench.results import Result, provenance, register
 from workbench.tokens import token_strings
 
@@ -63,9 +63,10 @@ def attention_patterns(
             f"{n} prompts x {len(layers)} layers x {len(heads)} heads x {p}^2 positions would take "
             f"{fmt_bytes(out_bytes)} (budget {fmt_bytes(max_bytes)}); pass fewer prompts, layers or heads, or raise max_bytes"
         )
-    # working set per prompt: every layer's full pattern while the forward runs
-    per_row = subject.n_layers * subject.n_heads * p * p * 4 + 8 * subject.d_model * p * 4
-    bs = batch_size or rows_per_batch(per_row, max_bytes, n)
+    # working set per prompt, in what the kept patterns leave of the budget: every layer's
+    # full pattern and the forward's own activations
+    per_row = subject.n_layers * subject.n_heads * p * p * 4 + forward_bytes(subject, 1, p)
+    bs = batch_size or rows_per_batch(per_row, max_bytes - out_bytes, n)
     arr = np.zeros((n, len(layers), len(heads), p, p), dtype=np.float32)
     sites = [f"pattern.{l}" for l in layers]
     for start in range(0, n, bs):

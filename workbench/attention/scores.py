@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError, one_of
-from workbench.memory import DEFAULT_BUDGET_BYTES, rows_per_batch
+from workbench.memory import DEFAULT_BUDGET_BYTES, forward_bytes, rows_per_batch
 from workbench.results import Result, provenance, register
 
 KINDS = ("previous_token", "duplicate", "induction", "bos", "self")
@@ -231,7 +231,7 @@ def head_scores(
     full = subject.as_batch(prompts if not isinstance(prompts, tuple) else list(prompts))
     layers = list(range(subject.n_layers)) if layers is None else [subject.site(f"pattern.{l}").layer for l in layers]
     n, p = full.input_ids.shape
-    per_row = len(layers) * subject.n_heads * p * p * 4 * 2 + len(kinds) * p * p * 4
+    per_row = len(layers) * subject.n_heads * p * p * 4 * 2 + len(kinds) * p * p * 4 + forward_bytes(subject, 1, p)
     bs = batch_size or rows_per_batch(per_row, max_bytes, n)
     sites = [f"pattern.{l}" for l in layers]
     special = set(getattr(subject.tokenizer, "all_special_ids", []) or [])
