@@ -509,17 +509,7 @@ class Subject:
             p.requires_grad_(False)
         try:
             with torch.enable_grad(), self.trace(batch):
-                saved, deltas = {}, {}
-                for s, op, fn in plan:
-                    if op == "patch":
-                        self.patch(s, fn)
-                    elif s.kind == "logits":
-                        logits = self.read(s)
-                    else:
-                        x = self.read(s)
-                        delta = torch.zeros_like(x, requires_grad=True)
-                        self.write(s, x + delta)
-                        saved[s.name], deltas[s.name] = x.detach(), delta
+                saved, deltas, logits = self._with_leaves(plan)
                 saved, deltas = save(saved), save(deltas)
                 logits = save(logits)
             value = metric(logits, batch)
@@ -531,6 +521,23 @@ class Subject:
         grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in deltas.items()}
         return acts, grads, value.detach()
 
+    def _with_leaves(self, plan):
+        """Inside a trace, walk ``plan``: apply its patches, and at each site read the
+        activation and write back ``x + delta`` with a zero leaf ``delta``. Returns
+        ({site: x detached}, {site: delta}, logits)."""
+        saved, deltas, logits = {}, {}, None
+        for s, op, fn in plan:
+            if op == "patch":
+                self.patch(s, fn)
+            elif s.kind == "logits":
+                logits = self.read(s)
+            else:
+                x = self.read(s)
+                delta = torch.zeros_like(x, requires_grad=True)
+                self.write(s, x + delta)
+                saved[s.name], deltas[s.name] = x.detach(), delta
+        return saved, deltas, logits
+
     def _remote_gradients(self, inputs, sites, metric, patch):
         """:meth:`gradients` with the metric and ``torch.autograd.grad`` inside the trace
         (the same leaves, the same sums), for a subject whose trace runs on NDIF."""
@@ -538,17 +545,7 @@ class Subject:
         sites = [self.site(s).name for s in sites]
         plan = self._plan(sites + ["logits"], patch)
         with torch.enable_grad(), self.trace(batch):
-            saved, deltas = {}, {}
-            for s, op, fn in plan:
-                if op == "patch":
-                    self.patch(s, fn)
-                elif s.kind == "logits":
-                    logits = self.read(s)
-                else:
-                    x = self.read(s)
-                    delta = torch.zeros_like(x, requires_grad=True)
-                    self.write(s, x + delta)
-                    saved[s.name], deltas[s.name] = x.detach(), delta
+            saved, deltas, logits = self._with_leaves(plan)
             value = metric(logits, batch)
             names = list(deltas)
             got = torch.autograd.grad(value.sum() if value.ndim else value, [deltas[k] for k in names],
