@@ -895,7 +895,7 @@ def train_sae(
             if sae.kind == "topk":  # dense pre without a graph; the gradient flows through k entries per row
                 xc = sae.sae_in(x)
                 with torch.no_grad():
-                    pre = xc @ sae.W_enc + sae.b_enc
+                    pre = torch.addmm(sae.b_enc, xc, sae.W_enc)
 
                 def pre_at(ix, xc=xc, pre=pre):
                     return SparsePre.apply(xc, sae.W_enc, sae.b_enc, pre, ix)
