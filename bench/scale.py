@@ -32,7 +32,9 @@ Rows (ratio = workbench / anchor; the target is in the row's name):
   node, Spearman on the top nodes).
 
 ``BENCH_SCALE_ONLY=heads,scan,zoo,gradients,merge,sae`` runs some sections only;
-``BENCH_SCALE_MODELS=folder`` builds the random models there once and keeps them.
+``BENCH_SCALE_MODELS=folder`` builds the random models there once and keeps them;
+``BENCH_SCALE_MERGEKIT_CAP_MB`` (default 8192) is the resident size at which mergekit is
+stopped (on a shared machine), its figures then lower bounds.
 
 Peak memory: in the measuring process, after the model is loaded and a warm-up call, the
 kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the peak above the resident
@@ -553,7 +555,7 @@ peak = max(seen, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 print(json.dumps({"rc": 0 if capped else p.returncode, "seconds": dt, "peak_mb": peak, "capped": capped,
                   "stderr": err.read()[-2000:].decode(errors="replace")}))
 """
-RSS_CAP_MB = 8192  # mergekit is stopped past this resident size (its figures are then lower bounds)
+RSS_CAP_MB = float(os.environ.get("BENCH_SCALE_MERGEKIT_CAP_MB", 8192))  # mergekit stopped past this resident size
 
 _WORKBENCH_MERGE = r"""
 import json, sys, torch
