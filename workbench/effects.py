@@ -551,14 +551,17 @@ class Patching:
         """Batch means of the metric with copy k patched at node ``group[k]``."""
         c, n = len(group), len(self.batch)
         patch = {}
+        copies = {si: [k for k, (s, _) in enumerate(group) if s == si] for si in range(len(self.sites))}
+        # every site's node indices and batch copies in one upload
+        idx = _upload([np.array(a, dtype=np.int64) for si in copies for a in ([group[k][1] for k in copies[si]],
+                                                                             copies[si])], self.pos.device)
         for si, sn in enumerate(self.sites):
-            copies = [k for k, (s, _) in enumerate(group) if s == si]
-            if not copies:
+            if not copies[si]:
                 continue
             x = acts[sn.site]
-            nodes = torch.tensor([group[k][1] for k in copies], dtype=torch.long, device=sn.table[0].device)
+            nodes = idx[2 * si].to(sn.table[0].device)
             new = sn.single(x, self.clean_parts(sn), self.target(sn), nodes, self.pos)
-            rows = torch.tensor(copies, dtype=torch.long, device=x.device)
+            rows = idx[2 * si + 1].to(x.device)
 
             def fn(z, rows=rows, new=new):
                 z = z.clone()
@@ -583,19 +586,26 @@ class Patching:
         c = len(sets)
         idx = [sorted({self._node(x) for x in s}) for s in sets]
         patch = {}
+        # per site: the copies that replace some of its nodes, and the (copy row, node) pairs,
+        # built on the host and sent in one upload for every site
+        plan, arrays = [], []
         for si, sn in enumerate(self.sites):
             lo, hi = self.offsets[si], self.offsets[si + 1]
             copies = [k for k in range(c) if any(lo <= i < hi for i in idx[k])]
+            pairs = [(row, i - lo) for row, k in enumerate(copies) for i in idx[k] if lo <= i < hi]
+            plan.append(copies)
+            arrays += [np.array(copies, dtype=np.int64), np.array(pairs, dtype=np.int64).reshape(-1, 2).T.ravel()]
+        sent = _upload(arrays, self.pos.device)
+        for si, sn in enumerate(self.sites):
+            copies = plan[si]
             if not copies:
                 continue
-            inc = np.zeros((len(copies), len(sn)), dtype=np.float32)  # built on the host, sent once
-            for row, k in enumerate(copies):
-                inc[row, [i - lo for i in idx[k] if lo <= i < hi]] = 1
             dev = sn.table[0].device
-            inc = torch.from_numpy(inc).to(dev)
+            rows, pairs = sent[2 * si].to(dev), sent[2 * si + 1].to(dev).reshape(2, -1)
+            inc = torch.zeros(len(copies), len(sn), device=dev)
+            inc[pairs[0], pairs[1]] = 1
             masks = tuple((inc @ t.reshape(len(sn), -1).float()).reshape(len(copies), *t.shape[1:]) > 0
                           for t in sn.table)
-            rows = torch.tensor(copies, dtype=torch.long).to(dev)
             r = self.target(sn)  # outside the trace: resample and corrupted values need their own runs
 
             def fn(z, sn=sn, rows=rows, masks=masks, r=r):
@@ -701,6 +711,14 @@ def _part_grads(sn: SiteNodes, x, parts, g):
         grads = torch.autograd.grad(out, leaves, grad_outputs=g.to(out.dtype), allow_unused=True)
     return tuple(l.detach() for l in leaves), tuple(torch.zeros_like(l) if gr is None else gr
                                                   for l, gr in zip(leaves, grads))
+
+
+def _upload(arrays: Sequence[np.ndarray], device) -> list[torch.Tensor]:
+    """Host int64 arrays as tensors on ``device``, sent in one copy (a copy per array
+    would wait for the device once per array)."""
+    sizes = [a.size for a in arrays]
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, dtype=np.int64))
+    return list(flat.to(device).split(sizes)) if arrays else []
 
 
 def _mean64(metric: Metric, logits: torch.Tensor, batch) -> float:

@@ -51,6 +51,16 @@ def _where() -> str:
     return fallback or "?"
 
 
+def _has_data(x) -> bool:
+    """Host data with at least one number (an empty list moves nothing)."""
+    if isinstance(x, torch.Tensor):
+        return False
+    try:
+        return len(x) > 0
+    except TypeError:
+        return True  # a number
+
+
 def _has_bool_index(indices) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
 
@@ -80,7 +90,7 @@ class _Function(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in _HOST_METHODS:
             self.counter.add(name)
-        elif func in (torch.tensor, torch.as_tensor) and args and not isinstance(args[0], torch.Tensor):
+        elif func in (torch.tensor, torch.as_tensor) and args and _has_data(args[0]):
             self.counter.add("upload")
         return func(*args, **(kwargs or {}))
 

@@ -90,3 +90,58 @@ def test_patched_metrics_reads_once_per_chunk(subject, texts):
     large, b = count_syncs(pt.patched_metrics, many)
     assert a[0] == b[0] and b[3] == pytest.approx(pt.base())
     same_count(small, large, "patched_metrics on 1 vs 6 sets")
+
+
+def neox(word_tokenizer, n_heads: int):
+    """A tiny random GPT-NeoX with ``n_heads`` heads (2 layers, width 32)."""
+    import transformers
+
+    from workbench import from_model
+
+    cfg = transformers.GPTNeoXConfig(vocab_size=len(word_tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=2,
+                                     num_hidden_layers=2, hidden_size=32, num_attention_heads=n_heads,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    return from_model(model, word_tokenizer, name=f"neox-{n_heads}")
+
+
+@pytest.fixture(scope="module")
+def few_and_many_heads(word_tokenizer):
+    return neox(word_tokenizer, 2), neox(word_tokenizer, 8)
+
+
+def test_head_scores_read_once_per_batch(few_and_many_heads, texts):
+    from workbench.attention import head_scores
+
+    counts = []
+    for subj in few_and_many_heads:
+        c, r = count_syncs(head_scores, subj, texts, n_boot=10, control=True)
+        assert np.isfinite(r["score"]).all() and r["score"].shape[-1] == subj.n_heads
+        counts.append(c)
+    same_count(*counts, "head_scores with 2 vs 8 heads a layer")
+    small, _ = count_syncs(head_scores, few_and_many_heads[1], texts, layers=[0], n_boot=10, control=True)
+    same_count(small, counts[1], "head_scores on 1 vs 2 layers")
+
+
+@pytest.mark.parametrize("ig_steps", [0, 3])
+def test_scan_heads_does_not_read_per_head(few_and_many_heads, texts, ig_steps):
+    from workbench.attention import scan_heads
+
+    counts = []
+    for subj in few_and_many_heads:
+        c, r = count_syncs(scan_heads, subj, texts, replacement="mean", ig_steps=ig_steps)
+        assert r["effect"].shape == (2, subj.n_heads) and np.isfinite(r["attribution"]).all()
+        counts.append(c)
+    same_count(*counts, "scan_heads with 2 vs 8 heads a layer")
+
+
+def test_ablate_heads_and_prune_curve_do_not_read_per_head_or_draw(subject, few_and_many_heads, texts):
+    from workbench.attention import ablate_heads, prune_curve
+
+    small, a = count_syncs(ablate_heads, subject, texts, [(0, 1), (1, 0)], n_random=2, replacement="mean")
+    large, b = count_syncs(ablate_heads, subject, texts, [(0, 1), (1, 0)], n_random=12, replacement="mean")
+    assert a.summary["effect"] == b.summary["effect"] and len(b["control_effect"]) == 12
+    same_count(small, large, "ablate_heads with 2 vs 12 random draws")
+    counts = [count_syncs(prune_curve, subj, texts, max_heads=2)[0] for subj in few_and_many_heads]
+    same_count(*counts, "prune_curve (gradient importance) with 2 vs 8 heads a layer")
