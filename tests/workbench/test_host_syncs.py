@@ -145,3 +145,53 @@ def test_ablate_heads_and_prune_curve_do_not_read_per_head_or_draw(subject, few_
     same_count(small, large, "ablate_heads with 2 vs 12 random draws")
     counts = [count_syncs(prune_curve, subj, texts, max_heads=2)[0] for subj in few_and_many_heads]
     same_count(*counts, "prune_curve (gradient importance) with 2 vs 8 heads a layer")
+
+
+@pytest.mark.parametrize("method", ["attribution", "exact"])
+def test_node_effects_do_not_read_per_feature(subject, method):
+    from workbench.circuits import SAE, node_effects
+    from workbench.data import agreement_pairs
+
+    ds = agreement_pairs(8, seed=1, tokenizer=subject.tokenizer)
+    counts = []
+    for width in (16, 256):
+        saes = {f"resid_post.{l}": SAE(subject.d_model, width, kind="topk", k=8, site=f"resid_post.{l}", seed=l)
+                for l in range(2)}
+        c, r = count_syncs(node_effects, subject, saes, list(ds["clean"]), list(ds["corrupted"]), "loss", method=method)
+        assert len(r["effect"]) == 2 * (width + 1) and np.isfinite(r["effect"]).all()
+        counts.append(c)
+    same_count(*counts, f"node_effects ({method}) on 16 vs 256 features a site")
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "relu"])
+def test_train_sae_reads_a_constant_per_step(kind):
+    from workbench.circuits import SAE, train_sae
+
+    x = torch.randn(512, 32, generator=torch.Generator().manual_seed(0))
+    kw = {"k": 4} if kind != "relu" else {}
+    extra = {"resample_every": 3} if kind == "relu" else {}
+    counts = {}
+    for width in (64, 1024):
+        for steps in (4, 8):
+            sae = SAE(32, width, kind=kind, seed=0, **kw)
+            counts[width, steps], log = count_syncs(train_sae, sae, x, steps=steps, batch_size=64, dead_after=64,
+                                                    progress=False, **extra)
+            assert np.isfinite(log["loss"]).all()
+    same_count(counts[64, 8], counts[1024, 8], f"train_sae ({kind}) with 64 vs 1024 features")
+    per_step = (counts[64, 8].total - counts[64, 4].total) / 4
+    # one read of the step's numbers, one of the dead count (TopK's auxiliary loss), and
+    # Adam's step counter per parameter (a host tensor on every device)
+    assert per_step <= 2 + len(list(sae.parameters())), counts[64, 8].by_site
+
+
+def test_feature_flow_reads_once(subject):
+    from workbench.circuits import SAE
+    from workbench.circuits.features import feature_flow
+
+    counts = []
+    for width in (64, 1024):
+        a, b = SAE(32, width, kind="topk", k=4, seed=0), SAE(32, width, kind="topk", k=4, seed=1)
+        c, r = count_syncs(feature_flow, a, b, top_k=3, chunk=16)
+        assert r["match"].shape == (width, 3) and (np.abs(r["cosine"]) <= 1 + 1e-6).all()
+        counts.append(c)
+    same_count(*counts, "feature_flow over 64 vs 1024 features (4 vs 64 chunks)")

@@ -160,7 +160,7 @@ def feature_flow(sae_a, sae_b, *, top_k: int = 5, chunk: int = 4096) -> FeatureF
     params = {"site_a": sae_a.site, "site_b": sae_b.site, "top": top}
     return FeatureFlow(
         dims={"feature": list(range(sae_a.d_sae)), "rank": list(range(top))},
-        data={"cosine": (("feature", "rank"), v.numpy()), "match": (("feature", "rank"), ix.numpy())},
+        data={"cosine": (("feature", "rank"), v.cpu().numpy()), "match": (("feature", "rank"), ix.cpu().numpy())},
         attrs=params, provenance=provenance(params=params),
     )
 
