@@ -195,3 +195,33 @@ def test_feature_flow_reads_once(subject):
         assert r["match"].shape == (width, 3) and (np.abs(r["cosine"]) <= 1 + 1e-6).all()
         counts.append(c)
     same_count(*counts, "feature_flow over 64 vs 1024 features (4 vs 64 chunks)")
+
+
+def test_function_vector_does_not_read_per_head(few_and_many_heads):
+    from workbench.taskvec import function_vector
+
+    counts = []
+    for subj in few_and_many_heads:
+        c, fv = count_syncs(function_vector, subj, "capitalize", n_demos=2, n_prompts=6)
+        assert fv["indirect_effect"].shape == (2, subj.n_heads) and np.isfinite(fv["indirect_effect"]).all()
+        counts.append(c)
+    same_count(*counts, "function_vector with 2 vs 8 heads a layer")
+
+
+@pytest.mark.parametrize("method,kw", [("task_arithmetic", {"lam": 0.5}), ("ties", {"density": 0.3}),
+                                       ("dare_ties", {"density": 0.3, "p": 0.5})])
+def test_merge_reads_per_tensor_not_per_entry(method, kw):
+    from workbench.taskvec import TaskVector, merge
+
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for n in (1_000, 100_000):
+        base = {"a.weight": torch.randn(n, generator=g), "b.weight": torch.randn(8, n // 8, generator=g)}
+        tvs = [TaskVector(base, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+               for _ in range(3)]
+        c, merged = count_syncs(merge, base, tvs, method, **kw)
+        assert merged["a.weight"].shape == (n,) and torch.isfinite(merged["a.weight"]).all()
+        counts.append(c)
+    same_count(*counts, f"{method} merge of tensors of 1e3 vs 1e5 entries")
+    # a few reads per tensor (finiteness checks, TIES thresholds), none per entry
+    assert counts[1].total <= 2 * 12, counts[1].by_site
