@@ -16,6 +16,9 @@ Counted, per call site (the innermost frame inside ``workbench/``):
 - ``upload``: ``torch.tensor`` / ``torch.as_tensor`` of host data (lists, numbers,
   arrays). A blocking host-to-device copy also waits for the device, so building an
   index tensor from a Python list per node costs what a read does.
+
+Not counted: reads inside ``torch.optim`` (Adam's step counters are host tensors on
+every device unless ``capturable``/``fused``, so reading them never waits for a GPU).
 """
 
 from __future__ import annotations
@@ -35,12 +38,18 @@ _HOST_METHODS = {"tolist", "numpy", "__array__", "cpu"}
 _DATA_DEPENDENT = {"nonzero", "masked_select", "masked_scatter"}
 
 
-def _where() -> str:
-    """file:line of the innermost workbench frame (else the innermost test frame)."""
+_OPTIM = os.sep + os.path.join("torch", "optim") + os.sep
+
+
+def _where() -> str | None:
+    """file:line of the innermost workbench frame (else the innermost test frame); None
+    inside ``torch.optim``."""
     f = sys._getframe(2)
     fallback = None
     while f is not None:
         fn = f.f_code.co_filename
+        if _OPTIM in fn:
+            return None
         if fn == __file__:
             pass
         elif _WORKBENCH in fn and _TESTS not in fn:
@@ -103,7 +112,9 @@ class SyncCounter:
         self.events: list[tuple[str, str]] = []
 
     def add(self, kind: str) -> None:
-        self.events.append((kind, _where()))
+        where = _where()
+        if where is not None:
+            self.events.append((kind, where))
 
     @property
     def total(self) -> int:
