@@ -212,7 +212,7 @@ def steer(
     direction = sae.W_dec[j].detach()
     mask = batch.attention_mask.bool() if positions == "all" else torch.zeros_like(batch.attention_mask, dtype=torch.bool)
     if positions == "last":
-        mask[torch.arange(len(batch)), batch.last] = True
+        mask[torch.arange(len(batch), device=mask.device), batch.last] = True
 
     def adder(where: torch.Tensor):
         def patch(x):
@@ -263,7 +263,7 @@ def _greedy(subject, batch, n: int, patch_for) -> list[str]:
 def _top_next(subject, logits, batch, k: int) -> list[list]:
     """The ``k`` most probable next tokens at each prompt's last position, by probability
     averaged over the prompts: [[token, probability], ...]."""
-    last = logits[torch.arange(len(batch)), batch.last].float()
+    last = logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)].float()
     probs = torch.softmax(last, dim=-1).mean(0)
     top = probs.topk(min(k, probs.numel()))
     return [[t, float(p)] for t, p in zip(token_strings(subject.tokenizer, top.indices.tolist()), top.values.tolist())]
@@ -299,7 +299,7 @@ def ablate_features(
               for s, js in features.items()}
 
     def editor(site):
-        idx = torch.tensor(chosen.get(site, []), dtype=torch.long)
+        idx = torch.tensor(chosen.get(site, []), dtype=torch.long, device=saes[site].W_dec.device)
 
         def edit(f, e):
             if len(idx) == 0:

@@ -96,7 +96,7 @@ def _add_at_last(batch, vec: torch.Tensor):
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        x[rows, last] = x[rows, last] + vec.to(x.dtype)
+        x[rows, last] = x[rows, last] + vec.to(x.device, x.dtype)
         return x
 
     return fn

@@ -39,8 +39,8 @@ from workbench.taskvec.vectors import TaskVector
 
 
 def _answer_loss(logits: torch.Tensor, last: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(logits.shape[0])
-    return torch.nn.functional.cross_entropy(logits[rows, last].float(), answers)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits[rows, last.to(logits.device)].float(), answers.to(logits.device))
 
 
 def finetune(
@@ -91,7 +91,7 @@ def finetune(
     for i in it:
         batch, answers = data[i % len(tasks)]
         n = len(batch)
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(batch.input_ids.device)
         out = model(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx])
         loss = _answer_loss(out.logits, batch.last[idx], answers[idx])
         if not torch.isfinite(loss):
@@ -208,7 +208,7 @@ class MergeEvaluator:
         for t, (b, answers) in self._batches.items():
             kwargs = b.kwargs()
             logits = (self.model(**kwargs) if params is None else functional_call(self.model, self.call_params(params), (), kwargs)).logits
-            pred = logits[torch.arange(len(b)), b.last].argmax(-1)
+            pred = logits[torch.arange(len(b), device=logits.device), b.last.to(logits.device)].argmax(-1)
             out[t] = (pred == answers).cpu().numpy()
         return out
 
@@ -307,7 +307,8 @@ def learn_coefficients(
     blocks = block_order(block.values())
     bidx = {b: i for i, b in enumerate(blocks)}
     torch.manual_seed(seed)
-    coef = torch.full((len(blocks), len(ev.names)), float(init), requires_grad=True)
+    dev = next(iter(ev.base.values())).device  # the coefficients live with the weights they mix
+    coef = torch.full((len(blocks), len(ev.names)), float(init), device=dev, requires_grad=True)
     prompts, answers = [], []
     for t in ev.tasks:
         ds = zero_shot_prompts(t, min(n_val, len(get_task(t).split(split))), split=split, seed=seed,
@@ -334,7 +335,8 @@ def learn_coefficients(
               "family": family.name}
     return AtlasCoefficients(
         dims={"block": blocks, "task_vector": ev.names, "step": list(range(steps))},
-        data={"coefficient": (("block", "task_vector"), coef.detach().numpy()), "loss": (("step",), np.array(losses))},
+        data={"coefficient": (("block", "task_vector"), coef.detach().cpu().numpy()),
+              "loss": (("step",), np.array(losses))},
         attrs=params, provenance=provenance(ev.subject, seed=seed, params=params),
     )
 
