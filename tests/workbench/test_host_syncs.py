@@ -277,3 +277,19 @@ def test_mtl_trainer_step_reads_do_not_grow_with_tasks(aggregator):
         assert np.isfinite(tr.history["loss"]).all()
         counts.append(c)
     same_count(*counts, f"MultiTaskTrainer ({aggregator}) steps with 2 vs 6 tasks")
+
+
+def test_find_circuit_edges_read_once_per_site_pair(subject):
+    from workbench.circuits import SAE, find_circuit
+    from workbench.data import agreement_pairs
+
+    ds = agreement_pairs(8, seed=1, tokenizer=subject.tokenizer)
+    counts = []
+    for width in (8, 32):
+        saes = {f"resid_post.{l}": SAE(subject.d_model, width, kind="relu", site=f"resid_post.{l}", seed=l)
+                for l in range(2)}
+        c, g = count_syncs(find_circuit, subject, saes, list(ds["clean"]), list(ds["corrupted"]), "loss",
+                           node_threshold=0.0, edge_threshold=0.0)
+        assert len(g["edge_weight"]) > width and np.isfinite(g["edge_weight"]).all()
+        counts.append(c)
+    same_count(*counts, "find_circuit over 8 vs 32 features a site (every node kept)")
