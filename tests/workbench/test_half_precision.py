@@ -203,3 +203,23 @@ def test_find_circuit_half(f32, half):
     assert len(edges["f32"]) >= 10 and len(common) >= 0.8 * len(edges["f32"])  # only edges near a threshold differ
     a, b = (np.array([edges[k][e] for e in common]) for k in ("f32", "half"))
     assert rel_err(b, a) < 0.15 and spearman(a, b) > 0.9
+
+
+def test_finetune_and_learned_coefficients_half(f32, half):
+    """Fine-tuning trains a float32 copy of a half-precision model (in pure fp16 Adam's eps
+    rounds to 0 and the loss turns NaN at the second step) and returns the state in the
+    model's dtype; the task vector points the way the float32 run's does."""
+    from workbench.taskvec import finetune
+    from workbench.taskvec.finetune import MergeEvaluator, learn_coefficients
+
+    kw = {"steps": 3, "batch_size": 8, "lr": 1e-3}
+    ft = {name: finetune(subj, "capitalize", **kw) for name, subj in (("f32", f32), ("half", half))}
+    assert all(v.dtype == half.dtype for v in ft["half"].values() if v.is_floating_point())
+    base = {"f32": f32.model.state_dict(), "half": half.model.state_dict()}
+    tv = {n: torch.cat([(ft[n][k].double() - base[n][k].double()).reshape(-1) for k in base[n]
+                        if base[n][k].is_floating_point()]) for n in ft}
+    cos = float(tv["f32"] @ tv["half"] / (tv["f32"].norm() * tv["half"].norm()))
+    assert torch.isfinite(tv["half"]).all() and cos > 0.95, cos
+    ev = MergeEvaluator(half, {"capitalize": ft["half"]}, n=8)
+    coef = learn_coefficients(ev, steps=2, n_val=8)
+    assert np.isfinite(coef["coefficient"]).all() and np.isfinite(coef["loss"]).all()

@@ -61,7 +61,9 @@ def finetune(
     ``task`` may be a list of tasks: co-training, with batches alternating between the
     tasks and ``steps`` steps on *each* (``len(task) * steps`` in all), so every task gets
     exactly the updates it gets alone. Seeded: the same seed gives the same weights on the
-    CPU. The subject's own model is not changed.
+    CPU. The subject's own model is not changed. A half-precision model (bf16, fp16) is
+    trained on a float32 copy (Adam's moments and small updates vanish in half precision;
+    fp16 rounds Adam's eps to 0 and diverges) and its state returned in the model's dtypes.
     """
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise WorkbenchError(f"need steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
@@ -79,6 +81,9 @@ def finetune(
         batch = subject.tokenize(ds["prompt"])
         data.append((batch, torch.tensor(ds["answer_id"], device=batch.input_ids.device)))
     model = copy.deepcopy(subject.model)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        model.float()  # float32 master weights for a half-precision model
     model.train()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -101,7 +106,7 @@ def finetune(
         loss.backward()
         opt.step()
     model.eval()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().to(dtypes[k]).clone() for k, v in model.state_dict().items()}
 
 
 def finetune_all(subject, tasks: Sequence[str], **kwargs) -> dict[str, dict[str, torch.Tensor]]:
