@@ -19,6 +19,7 @@ from workbench.circuits.attribution import Metric, ordered_saes, spliced_run
 from workbench.circuits.buffer import flat, token_mask, unflat
 from workbench.circuits.evaluation import resolve_site
 from workbench.errors import WorkbenchError
+from workbench.metrics import resolve_metric
 from workbench.effects import as_inputs
 from workbench.results import Result, provenance, register
 from workbench.tokens import token_strings
@@ -174,8 +175,8 @@ class Intervention(Result):
         return float(self["after"].mean() - self["before"].mean())
 
 
-def _per_prompt(metric: Metric, logits, batch) -> np.ndarray:
-    v = metric(logits, batch)
+def _per_prompt(metric: Metric | str, logits, batch) -> np.ndarray:
+    v = resolve_metric(metric)(logits, batch)
     v = v if v.ndim else v.expand(len(batch))
     return v.detach().float().cpu().numpy()
 
