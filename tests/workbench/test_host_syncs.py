@@ -293,3 +293,19 @@ def test_find_circuit_edges_read_once_per_site_pair(subject):
         assert len(g["edge_weight"]) > width and np.isfinite(g["edge_weight"]).all()
         counts.append(c)
     same_count(*counts, "find_circuit over 8 vs 32 features a site (every node kept)")
+
+
+def test_a_checked_batch_is_not_checked_again(subject, texts):
+    from workbench import WorkbenchError
+    from workbench.subject import Batch
+
+    batch = subject.tokenize(texts)
+    first, _ = count_syncs(subject.as_batch, Batch(batch.input_ids, batch.attention_mask))
+    assert first.by_kind.get("item", 0) >= 2  # the ids' range and the mask are read once
+    for b in (batch, batch.repeat(3), batch[2:5], batch[torch.tensor([0, 3])]):
+        again, _ = count_syncs(subject.as_batch, b)
+        assert again.total == 0, again.by_site
+    bad = Batch(batch.input_ids.clone(), batch.attention_mask, _max_id=None)
+    bad.input_ids[0, 0] = subject.d_vocab  # a hand-made batch is checked
+    with pytest.raises(WorkbenchError, match="outside this model's vocabulary"):
+        subject.as_batch(bad)
