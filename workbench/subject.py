@@ -330,11 +330,27 @@ class Subject:
     # ------------------------------------------------------------------ tracing
 
     def trace(self, inputs: Inputs, **kwargs):
-        """An nnsight trace over ``inputs`` (remote when the subject is remote)."""
+        """An nnsight trace over ``inputs`` (remote when the subject is remote). A model
+        that would fill a key/value cache for generation runs without one (``use_cache=False``
+        unless given): one forward never reads it back, and it holds every layer's keys and
+        values of the whole batch in device memory."""
         batch = self.as_batch(inputs)
         if self.remote:
             kwargs.setdefault("remote", True)
+        if self._takes_use_cache():
+            kwargs.setdefault("use_cache", False)
         return self.nn.trace(**batch.kwargs(), **kwargs)
+
+    def _takes_use_cache(self) -> bool:
+        if not hasattr(self, "_use_cache_arg"):
+            import inspect
+
+            try:
+                params = inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                params = {}
+            self._use_cache_arg = "use_cache" in params
+        return self._use_cache_arg
 
     def _envoy(self, path: str):
         """The nnsight envoy of a module path (walks real child names, so a submodule

@@ -309,3 +309,19 @@ def test_a_checked_batch_is_not_checked_again(subject, texts):
     bad.input_ids[0, 0] = subject.d_vocab  # a hand-made batch is checked
     with pytest.raises(WorkbenchError, match="outside this model's vocabulary"):
         subject.as_batch(bad)
+
+
+def test_traces_run_without_a_key_value_cache(subject, texts):
+    seen = []
+    handle = subject.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+    try:
+        batch = subject.tokenize(texts)
+        logits = subject.logits(batch)
+        with subject.trace(batch, use_cache=True):  # asked for, it is kept
+            pass
+    finally:
+        handle.remove()
+    assert seen == [False, True]
+    with torch.no_grad():
+        ref = subject.model(**batch.kwargs()).logits
+    assert torch.equal(logits, ref)  # the cache never changed one forward's numbers
