@@ -325,3 +325,13 @@ def test_traces_run_without_a_key_value_cache(subject, texts):
     with torch.no_grad():
         ref = subject.model(**batch.kwargs()).logits
     assert torch.equal(logits, ref)  # the cache never changed one forward's numbers
+
+
+def test_attention_patterns_do_not_read_per_head_or_layer(few_and_many_heads, texts):
+    from workbench.attention import attention_patterns
+
+    counts = [count_syncs(attention_patterns, subj, texts[:4])[0] for subj in few_and_many_heads]
+    same_count(*counts, "attention_patterns with 2 vs 8 heads a layer")
+    small, r = count_syncs(attention_patterns, few_and_many_heads[1], texts[:4], layers=[0])
+    same_count(small, counts[1], "attention_patterns of 1 vs 2 layers")
+    assert np.allclose(r["pattern"].sum(-1)[r["pattern"].sum(-1) > 0], 1, atol=1e-5)  # rows of real queries
