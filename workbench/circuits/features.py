@@ -86,9 +86,10 @@ def feature_summary(
         n_tokens += int(m.sum())
         a = torch.where(m, a, torch.zeros_like(a)).cpu()
         lengths = batch.attention_mask.sum(-1).tolist()
+        ids = batch.input_ids.tolist()  # one read per batch, not one per text
         for r, n in enumerate(lengths):
             acts_per_text.append(a[r, :n].numpy())
-            ids_per_text.append(batch.input_ids[r, :n].tolist())
+            ids_per_text.append(ids[r][:n])
     allacts = np.concatenate(acts_per_text)
     positive = allacts[allacts > 0]
     # quantile groups of the active tokens, highest first
