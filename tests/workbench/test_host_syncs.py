@@ -335,3 +335,22 @@ def test_attention_patterns_do_not_read_per_head_or_layer(few_and_many_heads, te
     small, r = count_syncs(attention_patterns, few_and_many_heads[1], texts[:4], layers=[0])
     same_count(small, counts[1], "attention_patterns of 1 vs 2 layers")
     assert np.allclose(r["pattern"].sum(-1)[r["pattern"].sum(-1) > 0], 1, atol=1e-5)  # rows of real queries
+
+
+def test_answer_id_metrics_send_their_ids_once(subject):
+    import functools
+
+    from workbench.effects import Heads, effects
+    from workbench.metrics import answer_logprob, logit_diff
+
+    from workbench.data import agreement_pairs
+
+    ds = agreement_pairs(8, seed=1, tokenizer=subject.tokenizer)
+    good, bad = list(ds["clean_answer_id"]), list(ds["corrupted_answer_id"])
+    batch = subject.tokenize(list(ds["clean"]))
+    for metric in (functools.partial(logit_diff, good=good, bad=bad), functools.partial(answer_logprob, answers=good)):
+        metric(subject.logits(batch), batch)  # the ids go to the device here, once
+        small, a = count_syncs(effects, subject, batch, Heads(None, [0]), metric, replacement="mean")
+        large, b = count_syncs(effects, subject, batch, Heads(None), metric, replacement="mean")
+        assert a["effect"][0] == b["effect"][0] and not any(w.startswith("metrics.py") for w in large.by_site)
+        same_count(small, large, f"exact effects of 2 vs 8 heads on {metric.func.__name__}")
