@@ -398,7 +398,8 @@ def task_gradient_relatedness(subject, tasks: Sequence[str], *, n_prompts: int =
         for t in tasks:
             b, ans = batches[t]
             logits = model(**b.kwargs()).logits
-            out.append(torch.nn.functional.cross_entropy(logits[torch.arange(len(b)), b.last].float(), ans))
+            rows = torch.arange(len(b), device=logits.device)
+            out.append(torch.nn.functional.cross_entropy(logits[rows, b.last.to(logits.device)].float(), ans))
         return out
 
     with torch.enable_grad():

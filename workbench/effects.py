@@ -206,16 +206,18 @@ class _FeatureSite(SiteNodes):
         # the error term adds (r_err - err)
         (f, err), (rf, re) = v, r
         xf = self._flat(x)
+        # Both terms are formed for every copy and weighted by whether its node is a
+        # feature (1 or 0), so the host never reads which nodes are features (on a GPU
+        # that read would wait for the device); adding an exact 0 leaves a copy unchanged.
         k, F = len(nodes), self.sae.d_sae
         out = xf.expand(k, *xf.shape).clone()
         posf = pos.to(xf.dtype)
-        feat = nodes < F
-        if bool(feat.any()):
-            js = nodes[feat]
-            d = (torch.broadcast_to(rf.to(f.dtype), f.shape)[..., js] - f[..., js]) * posf[..., None]  # [b, p, kf]
-            out[feat] += d.permute(2, 0, 1)[..., None] * self.sae.W_dec[js].detach().to(xf.dtype)[:, None, None, :]
-        if not bool(feat.all()):
-            out[~feat] += ((re.to(err.dtype) - err) * posf[..., None])[None]
+        feat = (nodes < F).to(xf.dtype)  # [k]
+        js = nodes.clamp(max=F - 1)
+        d = (torch.broadcast_to(rf.to(f.dtype), f.shape)[..., js] - f[..., js]) * posf[..., None]  # [b, p, k]
+        w = self.sae.W_dec[js].detach().to(xf.dtype) * feat[:, None]  # error copies add 0
+        out += d.permute(2, 0, 1)[..., None] * w[:, None, None, :]
+        out += ((re.to(err.dtype) - err) * posf[..., None])[None] * (1 - feat).reshape(k, 1, 1, 1)
         return self._unflat(out.flatten(0, 1))
 
 
@@ -328,10 +330,12 @@ def node_means(subject, prompts, nodes: Nodes | Sequence[Nodes], *, skip_first: 
     mask = batch.attention_mask.bool().clone()
     if skip_first:
         mask[:, 0] = False
-    if not bool(mask.any()):
+    rows = mask.flatten().nonzero()[:, 0]  # the real tokens, read once for every site
+    if not len(rows):
         raise WorkbenchError("no tokens to average over (every prompt is one token long and skip_first is set)")
     with torch.no_grad():
-        return {sn.site: tuple(p[mask].float().mean(0) for p in sn.split(acts[sn.site])) for sn in sites}
+        return {sn.site: tuple(p.flatten(0, 1).index_select(0, rows).float().mean(0) for p in sn.split(acts[sn.site]))
+                for sn in sites}
 
 
 # ---------------------------------------------------------------------- the engine
@@ -519,14 +523,15 @@ class Patching:
         else:
             wanted[[self._node(n) for n in only]] = True
         todo = []  # (site index, node index within the site)
+        moved = torch.cat([self._node_sums(sn, [(rp.to(vp.dtype) - vp).abs()
+                                                for vp, rp in zip(self.clean_parts(sn), self.target(sn))])
+                           for sn in self.sites]).cpu().numpy()  # one transfer for every node
         for si, sn in enumerate(self.sites):
-            v, r = self.clean_parts(sn), self.target(sn)
-            moved = self._node_sums(sn, [(rp.to(vp.dtype) - vp).abs() for vp, rp in zip(v, r)]).cpu().numpy()
             for j in range(len(sn)):
                 i = self.offsets[si] + j
                 if not wanted[i]:
                     continue
-                if moved[j] == 0:
+                if moved[i] == 0:
                     eff[i] = 0.0
                 else:
                     todo.append((si, j))
@@ -542,14 +547,17 @@ class Patching:
         """Batch means of the metric with copy k patched at node ``group[k]``."""
         c, n = len(group), len(self.batch)
         patch = {}
+        copies = {si: [k for k, (s, _) in enumerate(group) if s == si] for si in range(len(self.sites))}
+        # every site's node indices and batch copies in one upload
+        idx = _upload([np.array(a, dtype=np.int64) for si in copies for a in ([group[k][1] for k in copies[si]],
+                                                                             copies[si])], self.pos.device)
         for si, sn in enumerate(self.sites):
-            copies = [k for k, (s, _) in enumerate(group) if s == si]
-            if not copies:
+            if not copies[si]:
                 continue
             x = acts[sn.site]
-            nodes = torch.tensor([group[k][1] for k in copies], dtype=torch.long, device=sn.table[0].device)
+            nodes = idx[2 * si].to(sn.table[0].device)
             new = sn.single(x, self.clean_parts(sn), self.target(sn), nodes, self.pos)
-            rows = torch.tensor(copies, dtype=torch.long, device=x.device)
+            rows = idx[2 * si + 1].to(x.device)
 
             def fn(z, rows=rows, new=new):
                 z = z.clone()
@@ -558,7 +566,7 @@ class Patching:
 
             patch[sn.site] = fn
         logits = self.subject.logits(self.batch.repeat(c), patch=patch)
-        return [_mean64(metric, lg, self.batch) for lg in logits.split(n)]
+        return _copy_means(metric, logits, self.batch)
 
     def _node(self, name) -> int:
         if isinstance(name, (int, np.integer)):
@@ -574,26 +582,36 @@ class Patching:
         c = len(sets)
         idx = [sorted({self._node(x) for x in s}) for s in sets]
         patch = {}
+        # per site: the copies that replace some of its nodes, and the (copy row, node) pairs,
+        # built on the host and sent in one upload for every site
+        plan, arrays = [], []
         for si, sn in enumerate(self.sites):
             lo, hi = self.offsets[si], self.offsets[si + 1]
             copies = [k for k in range(c) if any(lo <= i < hi for i in idx[k])]
+            pairs = [(row, i - lo) for row, k in enumerate(copies) for i in idx[k] if lo <= i < hi]
+            plan.append(copies)
+            arrays += [np.array(copies, dtype=np.int64), np.array(pairs, dtype=np.int64).reshape(-1, 2).T.ravel()]
+        sent = _upload(arrays, self.pos.device)
+        for si, sn in enumerate(self.sites):
+            copies = plan[si]
             if not copies:
                 continue
-            inc = torch.zeros(len(copies), len(sn), device=sn.table[0].device)
-            for row, k in enumerate(copies):
-                inc[row, [i - lo for i in idx[k] if lo <= i < hi]] = 1
+            dev = sn.table[0].device
+            rows, pairs = sent[2 * si].to(dev), sent[2 * si + 1].to(dev).reshape(2, -1)
+            inc = torch.zeros(len(copies), len(sn), device=dev)
+            inc[pairs[0], pairs[1]] = 1
             masks = tuple((inc @ t.reshape(len(sn), -1).float()).reshape(len(copies), *t.shape[1:]) > 0
                           for t in sn.table)
-            rows = torch.tensor(copies, dtype=torch.long)
             r = self.target(sn)  # outside the trace: resample and corrupted values need their own runs
 
             def fn(z, sn=sn, rows=rows, masks=masks, r=r):
                 z = z.clone()
                 zc = z.view(c, n, *z.shape[1:])
-                xs = zc[rows.to(z.device)]
+                rows_z = rows.to(z.device)
+                xs = zc[rows_z]
                 v = tuple(p.reshape(len(rows), n, *p.shape[1:]) for p in sn.split(xs.flatten(0, 1)))
                 new = sn.replaced(xs, v, r, tuple(m.to(z.device) for m in masks), self.pos)
-                zc[rows.to(z.device)] = new.reshape(xs.shape).to(z.dtype)
+                zc[rows_z] = new.reshape(xs.shape).to(z.dtype)
                 return z
 
             patch[sn.site] = fn
@@ -618,7 +636,7 @@ class Patching:
             group = list(sets[start:start + chunk])
             patch = self._set_patch(group, n)
             logits = self.subject.logits(self.batch.repeat(len(group)), patch=patch)
-            out[start:start + len(group)] = [_mean64(metric, lg, self.batch) for lg in logits.split(n)]
+            out[start:start + len(group)] = _copy_means(metric, logits, self.batch)
         return out
 
     def attribution(self, metric: str | Metric = "loss") -> tuple[np.ndarray, float]:
@@ -691,9 +709,25 @@ def _part_grads(sn: SiteNodes, x, parts, g):
                                                   for l, gr in zip(leaves, grads))
 
 
+def _upload(arrays: Sequence[np.ndarray], device) -> list[torch.Tensor]:
+    """Host int64 arrays as tensors on ``device``, sent in one copy (a copy per array
+    would wait for the device once per array)."""
+    sizes = [a.size for a in arrays]
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, dtype=np.int64))
+    return list(flat.to(device).split(sizes)) if arrays else []
+
+
 def _mean64(metric: Metric, logits: torch.Tensor, batch) -> float:
     v = metric(logits, batch)
     return float(v.to(torch.float64).mean())
+
+
+def _copy_means(metric: Metric, logits: torch.Tensor, batch) -> list[float]:
+    """The metric's batch mean on each copy of ``batch`` in ``logits`` [copies * batch,
+    ...], read to the host in one transfer (not one per copy). The metric sees one copy
+    at a time, so a metric that holds per-prompt data (answer ids) works unchanged."""
+    n = len(batch)
+    return torch.stack([metric(lg, batch).to(torch.float64).mean() for lg in logits.split(n)]).tolist()
 
 
 # ---------------------------------------------------------------------- result

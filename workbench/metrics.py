@@ -8,6 +8,7 @@ sense, so they serve as the metric of attribution patching too.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -29,7 +30,17 @@ def last_logits(logits: torch.Tensor, batch) -> torch.Tensor:
 
 
 def _ids(ids: Sequence[int] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(ids, device=like.device, dtype=torch.long)
+    if isinstance(ids, torch.Tensor):
+        return ids.to(device=like.device, dtype=torch.long)
+    return _ids_on(tuple(int(i) for i in ids), like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _ids_on(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # the same answer ids are sent to the device once, not at every call (a metric runs once
+    # per batch copy: per node of an exact patching run, and a blocking upload waits for the device)
+    with torch.inference_mode(False):  # a normal tensor even if first made under inference_mode
+        return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def logit_diff(logits: torch.Tensor, batch, good: Sequence[int], bad: Sequence[int]) -> torch.Tensor:

@@ -43,6 +43,10 @@ class Batch:
     input_ids: torch.Tensor  # [batch, pos]
     attention_mask: torch.Tensor  # [batch, pos]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. token_type_ids
+    # set by Subject.as_batch once the ids and mask are checked: the largest token id. Rows
+    # and repeats of a checked batch are checked too, so running them again reads nothing
+    # back from the device (the check's reads would wait for it once per forward pass).
+    _max_id: int | None = field(default=None, compare=False, repr=False)
 
     def kwargs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.extra}
@@ -62,7 +66,8 @@ class Batch:
             rows = slice(rows, rows + 1 if rows != -1 else None)
         elif isinstance(rows, torch.Tensor):
             rows = rows.to(self.input_ids.device)
-        return Batch(self.input_ids[rows], self.attention_mask[rows], {k: v[rows] for k, v in self.extra.items()})
+        return Batch(self.input_ids[rows], self.attention_mask[rows], {k: v[rows] for k, v in self.extra.items()},
+                     self._max_id)
 
     def repeat(self, n: int) -> "Batch":
         """``n`` copies of the batch stacked along the batch dimension (copy i holds rows
@@ -73,7 +78,8 @@ class Batch:
         def rep(v: torch.Tensor) -> torch.Tensor:
             return v.repeat(n, *[1] * (v.ndim - 1))
 
-        return Batch(rep(self.input_ids), rep(self.attention_mask), {k: rep(v) for k, v in self.extra.items()})
+        return Batch(rep(self.input_ids), rep(self.attention_mask), {k: rep(v) for k, v in self.extra.items()},
+                     self._max_id)
 
 
 class Subject:
@@ -281,7 +287,9 @@ class Subject:
             )
         if batch.input_ids.numel() == 0:
             raise WorkbenchError("empty input: no tokens to run")
-        self._check_batch(batch)
+        max_id = batch._max_id
+        if max_id is None or max_id >= self.d_vocab:
+            max_id = self._check_batch(batch)
         limit = max_length or self.max_positions
         if limit is not None and batch.input_ids.shape[1] > limit:
             lengths = batch.attention_mask.sum(-1)
@@ -294,12 +302,13 @@ class Subject:
             batch.input_ids.to(dev).long(),
             batch.attention_mask.to(dev).long(),
             {k: v.to(dev) for k, v in batch.extra.items()},
+            max_id,
         )
 
-    def _check_batch(self, batch: Batch) -> None:
+    def _check_batch(self, batch: Batch) -> int:
         """Token ids in range and integer, a right-padded 0/1 mask of the same shape, and at
         least one real token per row (a wrong mask would silently misplace every row's last
-        token)."""
+        token). Returns the largest token id."""
         ids, mask = batch.input_ids, batch.attention_mask
         if ids.ndim != 2:
             raise WorkbenchError(f"token ids must be [batch, pos] (or [pos] for one prompt), got shape {tuple(ids.shape)}")
@@ -323,6 +332,7 @@ class Subject:
                 f"prompt {row} is not right-padded (its attention_mask has a 0 before a 1); the workbench reads each "
                 "prompt's last real token at sum(mask) - 1, so pad on the right (pass the prompts as strings, or "
                 "tokenize with padding_side='right')")
+        return hi
 
     def batches(self, inputs: Sequence[str], batch_size: int) -> Iterator[Batch]:
         """Split prompts into padded batches of ``batch_size``."""
@@ -334,11 +344,27 @@ class Subject:
     # ------------------------------------------------------------------ tracing
 
     def trace(self, inputs: Inputs, **kwargs):
-        """An nnsight trace over ``inputs`` (remote when the subject is remote)."""
+        """An nnsight trace over ``inputs`` (remote when the subject is remote). A model
+        that would fill a key/value cache for generation runs without one (``use_cache=False``
+        unless given): one forward never reads it back, and it holds every layer's keys and
+        values of the whole batch in device memory."""
         batch = self.as_batch(inputs)
         if self.remote:
             kwargs.setdefault("remote", True)
+        if self._takes_use_cache():
+            kwargs.setdefault("use_cache", False)
         return self.nn.trace(**batch.kwargs(), **kwargs)
+
+    def _takes_use_cache(self) -> bool:
+        if not hasattr(self, "_use_cache_arg"):
+            import inspect
+
+            try:
+                params = inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                params = {}
+            self._use_cache_arg = "use_cache" in params
+        return self._use_cache_arg
 
     def _envoy(self, path: str):
         """The nnsight envoy of a module path (walks real child names, so a submodule

@@ -137,3 +137,19 @@ def test_shift_ablation_known_answer(linear, pairs):  # noqa: F811
         ablate_features(linear, {site: sae}, {"mlp_out.0": [1]}, clean, metric)
     mean = ablate_features(linear, {site: sae}, {site: [2]}, clean, metric, replacement="mean")
     assert mean.attrs["value"] == "mean" and np.isfinite(mean["after"]).all()
+
+
+def test_steer_and_ablate_take_a_metric_name(linear, pairs):  # noqa: F811
+    from workbench.metrics import next_token_loss
+
+    clean, _, _ = pairs
+    sae = random_sae(32, 16, "resid_post.1", seed=4)
+    by_name = steer(linear, sae, 5, 3.0, clean, "loss")
+    by_fn = steer(linear, sae, 5, 3.0, clean, next_token_loss)
+    np.testing.assert_array_equal(by_name["after"], by_fn["after"])
+    assert not np.allclose(by_name["after"], by_name["before"])
+    site = "mlp_out.1"
+    sae = random_sae(32, 16, site, seed=6)
+    a = ablate_features(linear, {site: sae}, {site: [2, 7]}, clean, "loss")
+    b = ablate_features(linear, {site: sae}, {site: [2, 7]}, clean, next_token_loss)
+    np.testing.assert_array_equal(a["after"], b["after"])

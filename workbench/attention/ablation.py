@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from workbench.effects import Heads, Patching
 from workbench.errors import WorkbenchError, one_of
@@ -206,9 +207,9 @@ def prune_curve(
         if importance == "gradient":
             patch = pt.patch([_name(h) for h in removed]) if removed else None
             acts, grads, _ = subject.gradients(batch, sites, metric, patch=patch)
-            for l, s in enumerate(sites):
-                # d metric / d gate_h at gate 1 = sum over positions of z_h . g_h
-                imp[l] = (((upcast(acts[s]) * upcast(grads[s])).sum(-1) * m).sum(1)).abs().mean(0).cpu().numpy()
+            # d metric / d gate_h at gate 1 = sum over positions of z_h . g_h; every layer in one transfer
+            imp[:] = torch.stack([(((upcast(acts[s]) * upcast(grads[s])).sum(-1) * m).sum(1)).abs().mean(0)
+                                  for s in sites]).cpu().numpy()
         else:
             rest = [(l, h) for l in range(subject.n_layers) for h in range(subject.n_heads) if (l, h) not in removed]
             vals = pt.patched_metrics([[_name(h) for h in removed + [hd]] for hd in rest], metric, max_bytes=max_bytes)

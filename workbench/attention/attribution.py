@@ -52,7 +52,7 @@ def token_attribution(subject, prompt: str, *, target: str | int | None = None, 
 
     lig = LayerIntegratedGradients(forward, subject.module("embed"))
     attr, delta = lig.attribute(ids, baselines=baseline, n_steps=ig_steps, return_convergence_delta=True)
-    per_token = attr.sum(-1)[0].detach().cpu().numpy()
+    per_token = attr.float().sum(-1)[0].detach().cpu().numpy()  # summed in float32 at least
     with torch.no_grad():
         full, base = float(forward(ids)[0]), float(forward(baseline)[0])
     tokens = token_strings(subject.tokenizer, ids[0].tolist())

@@ -69,23 +69,24 @@ def attention_patterns(
     bs = batch_size or rows_per_batch(per_row, max_bytes - out_bytes, n)
     arr = np.zeros((n, len(layers), len(heads), p, p), dtype=np.float32)
     sites = [f"pattern.{l}" for l in layers]
+    hidx = torch.tensor(heads, dtype=torch.long, device=full.input_ids.device)
     for start in range(0, n, bs):
         sl = slice(start, start + bs)
         batch = full[sl]
         acts = subject.cache(batch, sites)
         mask = batch.attention_mask.bool()
         keep = (mask[:, None, :, None] & mask[:, None, None, :]).float()
-        for i, s in enumerate(sites):
-            pat = acts[s][:, heads].float() * keep
-            arr[sl, i] = pat.cpu().numpy()
-    lengths = full.attention_mask.sum(-1).cpu().numpy()
-    tokens = [token_strings(subject.tokenizer, full.input_ids[i, : int(lengths[i])].tolist()) for i in range(n)]
+        # every layer's patterns of the batch in one transfer
+        arr[sl] = torch.stack([acts[s][:, hidx.to(acts[s].device)].float() * keep for s in sites], 1).cpu().numpy()
+    lengths = full.attention_mask.sum(-1).tolist()
+    ids = full.input_ids.tolist()  # one read, not one per prompt
+    tokens = [token_strings(subject.tokenizer, ids[i][: lengths[i]]) for i in range(n)]
     params = {"prompts": prompts, "layers": layers, "heads": heads}
     return AttentionPatterns(
         dims={"prompt": list(range(n)), "layer": layers, "head": heads, "query": list(range(p)), "key": list(range(p))},
         data={
             "pattern": (("prompt", "layer", "head", "query", "key"), arr),
-            "lengths": (("prompt",), lengths.astype(np.int64)),
+            "lengths": (("prompt",), np.asarray(lengths, dtype=np.int64)),
         },
         attrs={**params, "tokens": tokens, "causal": subject.causal},
         provenance=provenance(subject, params=params),

@@ -100,7 +100,8 @@ def _features(subject, inputs, labels, per: str, position: int | None, component
                 for pos, t in enumerate(lab):
                     if t is not None:
                         rows.append(i), cols.append(pos), ys.append(t)
-        r, c = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        dev = batch.input_ids.device
+        r, c = torch.tensor(rows, dtype=torch.long, device=dev), torch.tensor(cols, dtype=torch.long, device=dev)
         types.extend(batch.input_ids[r, c].tolist())
         for s in sites:
             a = acts[s][r, c].float().cpu()

@@ -70,9 +70,9 @@ def retrieval_scores(subject, prompts: Sequence[dict]) -> RetrievalScores:
             tok = int(acts["logits"][0, -1].argmax())
             if tok in needle:  # copied from the needle: which heads looked at it?
                 pos = start + needle.index(tok)
-                for layer in range(L):
-                    top = acts[f"pattern.{layer}"][0, :, -1].argmax(-1)  # [head]
-                    hits[i, layer] += (top == pos).cpu().numpy()
+                # each head's most attended position at the last query, every layer in one read
+                top = torch.stack([acts[f"pattern.{layer}"][0, :, -1].argmax(-1) for layer in range(L)])  # [layer, head]
+                hits[i] += (top == pos).cpu().numpy()
             n_ok += tok == needle[cue + step]
             ids.append(tok)
         hits[i] /= max(todo, 1)

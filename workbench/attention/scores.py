@@ -99,8 +99,9 @@ def _user_targets(ids: torch.Tensor, mask: torch.Tensor, pattern) -> torch.Tenso
                              "target weights, or a fixed [n, n] tensor")
     b, p = ids.shape
     out = torch.zeros(b, p, p, device=ids.device)
+    lengths = mask.sum(-1).tolist()  # one read for every prompt
     for i in range(b):
-        n = int(mask[i].sum())
+        n = int(lengths[i])
         t = pattern(ids[i, :n]) if callable(pattern) else torch.as_tensor(pattern)
         t = torch.as_tensor(t, dtype=torch.float32, device=ids.device)
         if t.ndim != 2 or t.shape[0] < n or t.shape[1] < n:
@@ -135,8 +136,9 @@ def score_patterns(attn: torch.Tensor, targets: dict[str, torch.Tensor], *, mask
 def shuffled_control(ids: torch.Tensor, mask: torch.Tensor, special: set[int], generator: torch.Generator) -> torch.Tensor:
     """Each row's real, non-special tokens permuted in place (specials and padding stay)."""
     out = ids.clone()
+    rows, lengths = ids.tolist(), mask.sum(-1).tolist()  # one read each, not one per token
     for i in range(ids.shape[0]):
-        pos = [j for j in range(int(mask[i].sum())) if int(ids[i, j]) not in special]
+        pos = [j for j in range(int(lengths[i])) if rows[i][j] not in special]
         if len(pos) > 1:
             perm = torch.randperm(len(pos), generator=generator)
             idx = torch.tensor(pos, device=ids.device)
@@ -244,9 +246,9 @@ def head_scores(
             batch = subject.as_batch({**full[sl].kwargs(), "input_ids": ids_all[sl]})
             targets = target_masks(batch.input_ids, batch.attention_mask, kinds, pattern, convention=convention)
             acts = subject.cache(batch, sites)
-            for li, s in enumerate(sites):
-                per[sl, :, li] = score_patterns(acts[s], targets, mask=batch.attention_mask,
-                                                convention=convention).cpu().numpy()
+            # every layer's scores [b, kind, layer, head] in one transfer per batch
+            per[sl] = torch.stack([score_patterns(acts[s], targets, mask=batch.attention_mask, convention=convention)
+                                   for s in sites], dim=2).cpu().numpy()
         return per
 
     per = run(full.input_ids)

@@ -81,7 +81,8 @@ def spliced_run(subject, batch: Batch, saes: Mapping[str, object], *, edit=None,
         nodes, lv = {}, {}
         for site, sae in saes.items():
             s = subject.site(site)
-            xf = flat(subject.read(s), s)
+            x = subject.read(s)
+            xf = flat(x, s)
             f = sae.encode(xf)
             err = xf - sae.decode(f)
             if edit is not None and site in edit:
@@ -91,7 +92,8 @@ def spliced_run(subject, batch: Batch, saes: Mapping[str, object], *, edit=None,
                 de = torch.zeros_like(err).requires_grad_(True)
                 f, err = f + df, err + de
                 lv[site] = (df, de)
-            subject.write(s, unflat(sae.decode(f) + err, s, subject))
+            # back in the model's dtype (a float32 SAE on a half-precision model)
+            subject.write(s, unflat(sae.decode(f) + err, s, subject).to(x.dtype))
             nodes[site] = (f, err)
         logits = subject.read("logits")
         nodes, lv, logits = save(nodes), save(lv), save(logits)
@@ -229,6 +231,10 @@ def find_circuit(
         du_e = (corr[u][1] - eu.detach())
         fd, ed = nodes[d]
         gfd, ged = grads[d]
+        up_f = [j for j in up_ids if j < saes[u].d_sae]  # upstream features, then (maybe) the error node
+        up_err = len(up_f) < len(up_ids)
+        idx = torch.tensor(up_f, dtype=torch.long, device=du_f.device)
+        pairs, vals = [], []  # the edge weights stay on the device; one read for every edge of the site pair
         for jd in down_ids:
             if jd < saes[d].d_sae:
                 target = (gfd[..., jd] * fd[..., jd]).sum()
@@ -237,15 +243,21 @@ def find_circuit(
             if not target.requires_grad:
                 continue
             g_f, g_e = torch.autograd.grad(target, lv[u], retain_graph=True, allow_unused=True)
-            for ju in up_ids:
-                if ju < saes[u].d_sae:
-                    val = 0.0 if g_f is None else float((g_f[..., ju] * du_f[..., ju]).sum())
-                else:
-                    val = 0.0 if g_e is None else float((g_e * du_e).sum())
-                if abs(val) >= edge_threshold:
-                    src.append(offsets[i] + ju)
-                    dst.append(offsets[i + 1] + jd)
-                    w.append(val)
+            zero = du_f.new_zeros(())
+            # one row per upstream feature: each feature's sum over prompts and positions
+            vf = ((g_f[..., idx] * du_f[..., idx]).movedim(-1, 0).flatten(1).sum(1)
+                  if g_f is not None else zero.expand(len(up_f)))
+            parts = [vf] + ([((g_e * du_e).sum() if g_e is not None else zero)[None]] if up_err else [])
+            vals.append(torch.cat(parts))
+            pairs.append(jd)
+        if vals:
+            table = torch.stack(vals).tolist()  # [down, up]
+            for jd, row in zip(pairs, table):
+                for ju, val in zip(up_ids, row):
+                    if abs(val) >= edge_threshold:
+                        src.append(offsets[i] + ju)
+                        dst.append(offsets[i + 1] + jd)
+                        w.append(val)
     params = {"method": effects.attrs["method"], "node_threshold": node_threshold, "edge_threshold": edge_threshold,
               "sites": sites}
     attrs = {**effects.attrs, "node_threshold": node_threshold, "edge_threshold": edge_threshold}

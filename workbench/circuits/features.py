@@ -19,6 +19,7 @@ from workbench.circuits.attribution import Metric, ordered_saes, spliced_run
 from workbench.circuits.buffer import flat, token_mask, unflat
 from workbench.circuits.evaluation import resolve_site
 from workbench.errors import WorkbenchError
+from workbench.metrics import resolve_metric
 from workbench.effects import as_inputs
 from workbench.results import Result, provenance, register
 from workbench.tokens import token_strings
@@ -86,9 +87,10 @@ def feature_summary(
         n_tokens += int(m.sum())
         a = torch.where(m, a, torch.zeros_like(a)).cpu()
         lengths = batch.attention_mask.sum(-1).tolist()
+        ids = batch.input_ids.tolist()  # one read per batch, not one per text
         for r, n in enumerate(lengths):
             acts_per_text.append(a[r, :n].numpy())
-            ids_per_text.append(batch.input_ids[r, :n].tolist())
+            ids_per_text.append(ids[r][:n])
     allacts = np.concatenate(acts_per_text)
     positive = allacts[allacts > 0]
     # quantile groups of the active tokens, highest first
@@ -161,7 +163,7 @@ def feature_flow(sae_a, sae_b, *, top_k: int = 5, chunk: int = 4096) -> FeatureF
     params = {"site_a": sae_a.site, "site_b": sae_b.site, "top": top}
     return FeatureFlow(
         dims={"feature": list(range(sae_a.d_sae)), "rank": list(range(top))},
-        data={"cosine": (("feature", "rank"), v.numpy()), "match": (("feature", "rank"), ix.numpy())},
+        data={"cosine": (("feature", "rank"), v.cpu().numpy()), "match": (("feature", "rank"), ix.cpu().numpy())},
         attrs=params, provenance=provenance(params=params),
     )
 
@@ -175,8 +177,8 @@ class Intervention(Result):
         return float(self["after"].mean() - self["before"].mean())
 
 
-def _per_prompt(metric: Metric, logits, batch) -> np.ndarray:
-    v = metric(logits, batch)
+def _per_prompt(metric: Metric | str, logits, batch) -> np.ndarray:
+    v = resolve_metric(metric)(logits, batch)
     v = v if v.ndim else v.expand(len(batch))
     return v.detach().float().cpu().numpy()
 
@@ -213,7 +215,7 @@ def steer(
     direction = sae.W_dec[j].detach()
     mask = batch.attention_mask.bool() if positions == "all" else torch.zeros_like(batch.attention_mask, dtype=torch.bool)
     if positions == "last":
-        mask[torch.arange(len(batch)), batch.last] = True
+        mask[torch.arange(len(batch), device=mask.device), batch.last] = True
 
     def adder(where: torch.Tensor):
         def patch(x):
@@ -264,7 +266,7 @@ def _greedy(subject, batch, n: int, patch_for) -> list[str]:
 def _top_next(subject, logits, batch, k: int) -> list[list]:
     """The ``k`` most probable next tokens at each prompt's last position, by probability
     averaged over the prompts: [[token, probability], ...]."""
-    last = logits[torch.arange(len(batch)), batch.last].float()
+    last = logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)].float()
     probs = torch.softmax(last, dim=-1).mean(0)
     top = probs.topk(min(k, probs.numel()))
     return [[t, float(p)] for t, p in zip(token_strings(subject.tokenizer, top.indices.tolist()), top.values.tolist())]
@@ -300,7 +302,7 @@ def ablate_features(
               for s, js in features.items()}
 
     def editor(site):
-        idx = torch.tensor(chosen.get(site, []), dtype=torch.long)
+        idx = torch.tensor(chosen.get(site, []), dtype=torch.long, device=saes[site].W_dec.device)
 
         def edit(f, e):
             if len(idx) == 0:

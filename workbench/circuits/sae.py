@@ -887,7 +887,7 @@ def train_sae(
             if x.ndim != 2 or len(x) == 0:
                 raise WorkbenchError(f"the training batch of step {step} has shape {tuple(x.shape)}; "
                                      "batches must be [rows >= 1, d_in]")
-            check_finite(x, f"the training batch of step {step}")
+            x_finite = torch.isfinite(x).all()  # read with the step's numbers below, not on its own
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             aux = x.new_zeros(())
@@ -903,8 +903,9 @@ def train_sae(
                 idx = pre.topk(sae.k, dim=-1).indices
                 vals = F.relu(pre_at(idx))
                 x_hat = sae.decode_sparse(vals, idx)
-                fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=dev)
-                fired[idx[vals > 0]] = True
+                # features with a positive value in some row (a scatter: no data-dependent shape)
+                fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev).scatter_add_(
+                    0, idx.reshape(-1), (vals > 0).reshape(-1).long()) > 0
                 l0 = (vals > 0).sum(-1).float().mean()
                 sparsity = x.new_zeros(())
             else:
@@ -913,24 +914,29 @@ def train_sae(
                     f = F.relu(pre)
                 else:
                     f = batch_topk(pre, sae.k)
-                    with torch.no_grad():
-                        pos = f[f > 0]
-                        if len(pos):
-                            t = pos.min()
-                            sae.threshold.copy_(t if step == 0 else 0.99 * sae.threshold + 0.01 * t)
+                    with torch.no_grad():  # the smallest positive value, if any (kept on the device)
+                        on = f > 0
+                        t = torch.where(on, f, torch.full_like(f, torch.inf)).min()
+                        new = t if step == 0 else 0.99 * sae.threshold + 0.01 * t
+                        sae.threshold.copy_(torch.where(on.any(), new, sae.threshold))
                 x_hat = sae.decode(f)
                 fired = (f > 0).any(0)
                 l0 = (f > 0).sum(-1).float().mean()
                 sparsity = f.sum(-1).mean() if sae.kind == "relu" else x.new_zeros(())
             mse = (x_hat - x).pow(2).sum(-1).mean()
             since_fired += len(x)
-            since_fired[fired] = 0
+            since_fired.masked_fill_(fired, 0)
             dead = since_fired >= dead_after
             if sae.kind in ("topk", "batchtopk") and aux_coeff > 0:
                 aux = _aux_loss(sae, x, x_hat, pre, dead, k_aux, pre_at)
             loss = mse + l1_coeff * sparsity + aux_coeff * aux
-            if not bool(torch.isfinite(loss)):
-                raise WorkbenchError(f"the loss of step {step} is {float(loss.detach())} (MSE {float(mse.detach())}) "
+            # the step's numbers in one read from the device (one wait per step, not one per number)
+            finite_x, loss_v, mse_v, l0_v, dead_frac, aux_v = torch.stack(
+                [t.detach().double() for t in (x_finite, loss, mse, l0, dead.float().mean(), aux)]).tolist()
+            if not finite_x:
+                check_finite(x, f"the training batch of step {step}")
+            if not math.isfinite(loss_v):
+                raise WorkbenchError(f"the loss of step {step} is {loss_v} (MSE {mse_v}) "
                                      "on a finite batch: training diverged; lower lr or set max_grad_norm. The SAE "
                                      f"holds the weights after step {step - 1}")
             opt.zero_grad(set_to_none=True)
@@ -945,15 +951,14 @@ def train_sae(
             if sae.kind == "relu" and resample_every and (step + 1) % resample_every == 0:
                 if _resample(sae, x, x_hat.detach(), dead, opt, gen):
                     since_fired[dead] = 0
-            dead_frac = float(dead.float().mean())
-            log["loss"].append(float(loss.detach()))
-            log["mse"].append(float(mse.detach()))
-            log["l0"].append(float(l0))
+            log["loss"].append(loss_v)
+            log["mse"].append(mse_v)
+            log["l0"].append(l0_v)
             log["dead_fraction"].append(dead_frac)
-            log["aux"].append(float(aux.detach()))
+            log["aux"].append(aux_v)
             bar.update(1)
             if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", L0=f"{float(l0):.1f}", dead=f"{dead_frac:.1%}")
+                bar.set_postfix(loss=f"{loss_v:.4g}", L0=f"{l0_v:.1f}", dead=f"{dead_frac:.1%}")
             if ck is not None and ((step + 1) % checkpoint_every == 0 or step == steps - 1):
                 save_checkpoint(ck, step + 1, sae, opt, since_fired, gen, stream, log, hyper)
     finally:

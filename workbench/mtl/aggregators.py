@@ -162,8 +162,8 @@ def combine(j: torch.Tensor, w: np.ndarray, method: str = "the aggregator") -> t
         out = (torch.as_tensor(w, dtype=torch.float32, device=j.device) @ j.float()).to(j.dtype)
     else:
         out = torch.as_tensor(w, dtype=j.dtype, device=j.device) @ j
-    lo, hi = torch.aminmax(out)  # NaN propagates; far faster than isfinite(out).all() on 22M entries
-    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+    lo, hi = torch.stack(torch.aminmax(out)).tolist()  # NaN propagates; far faster than isfinite(out).all()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise_non_finite(j)  # NaN / inf in J shows here when the Gramian was given
         raise WorkbenchError(f"{method} produced a non-finite update: the weighted sum of the task gradients (weights "
                              f"{np.round(w, 6).tolist()}) overflows {j.dtype}; rescale the losses")

@@ -103,6 +103,11 @@ def check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return losses
 
 
+def host_values(losses: Sequence[torch.Tensor]) -> list[float]:
+    """The losses' values as floats, read from the device in one transfer (not one per task)."""
+    return torch.stack([l.detach().reshape(()).double().to(losses[0].device) for l in losses]).tolist()
+
+
 CHUNK = 4096
 GROUP = 256  # chunks per batched product: bounds any temporary to T x 1M floats
 
@@ -115,9 +120,15 @@ def gram64(part: torch.Tensor) -> np.ndarray:
     if not isinstance(part, torch.Tensor) or part.ndim != 2:
         raise WorkbenchError(f"gram64 takes a [tasks, entries] tensor, got "
                              f"{tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__}")
+    return gram64_tensor(part).cpu().numpy()
+
+
+def gram64_tensor(part: torch.Tensor) -> torch.Tensor:
+    """:func:`gram64` left on ``part``'s device (float64 [T, T]), for callers that add
+    several of them up before reading the sum to the host once."""
     T, n = part.shape
     if n <= CHUNK:
-        return (part @ part.T).double().cpu().numpy()
+        return (part @ part.T).double()
     out = torch.zeros(T, T, dtype=torch.float64, device=part.device)
     full = n // CHUNK * CHUNK
     for c in range(0, full, GROUP * CHUNK):
@@ -127,7 +138,7 @@ def gram64(part: torch.Tensor) -> np.ndarray:
     if full < n:
         rest = part[:, full:]
         out += (rest @ rest.T).double()
-    return out.cpu().numpy()
+    return out
 
 
 SMALL = 1 << 20  # T * P entries up to which the Gramians come from one float64 copy of J
@@ -153,18 +164,15 @@ def block_gramians(jac: torch.Tensor, block_index: Sequence[int], sizes: Sequenc
     T, P = jac.shape
     small = T * P <= SMALL
     src = jac.double() if small else jac
-    out = torch.zeros(n_blocks, T, T, dtype=torch.float64) if small else np.zeros((n_blocks, T, T))
+    out = torch.zeros(n_blocks, T, T, dtype=torch.float64, device=jac.device)  # summed on the device, read once
     off = start = 0
     for i, (bi, n) in enumerate(zip(block_index, sizes)):
         off += n
         if i == len(sizes) - 1 or block_index[i + 1] != bi:
             part = src[:, start:off]
-            if small:
-                out[bi] += (part @ part.T).cpu()
-            else:
-                out[bi] += gram64(part)
+            out[bi] += (part @ part.T) if small else gram64_tensor(part)
             start = off
-    return out.numpy() if small else out
+    return out.cpu().numpy()
 
 
 def jacobian(losses: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *, retain_graph: bool = False,
@@ -469,7 +477,7 @@ def task_gradients(
     fam = family if family is None or isinstance(family, str) else family.name
     settings = {"mode": mode, "family": fam, "block_depth": block_depth, "n_params": int(sum(sizes)),
                 "parameter_groups": n_groups}
-    res = _gradients_result(jac if mode == "jacobian" else None, bg, [float(l.detach()) for l in losses], tasks=names,
+    res = _gradients_result(jac if mode == "jacobian" else None, bg, host_values(losses), tasks=names,
                             blocks=blocks, block_size=block_size, wrt="parameters", params=settings)
     res.extra_grads = extra_grads
     return res
@@ -494,7 +502,7 @@ def representation_gradients(losses: Sequence[torch.Tensor] | Mapping[str, torch
             raise WorkbenchError(f"loss {t} does not depend on the shared features")
         rows.append(g.reshape(-1).float())
     jac = torch.stack(rows)
-    return _gradients_result(jac, gram64(jac)[None], [float(l.detach()) for l in losses], tasks=names,
+    return _gradients_result(jac, gram64(jac)[None], host_values(losses), tasks=names,
                             blocks=["features"], block_size=[jac.shape[1]], wrt="representation",
                             params={"mode": "jacobian", "n_features": int(jac.shape[1])})
 

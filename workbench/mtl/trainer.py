@@ -45,7 +45,8 @@ from workbench.errors import WorkbenchError, one_of
 from workbench.layout import Family
 from workbench.mtl.aggregators import STATEFUL, STATELESS, GradNorm, UncertaintyWeighting, aggregate
 from workbench.mtl.gradients import (
-    block_gramians, check_depth, check_losses, cosines_and_conflicts, family_of_model, jacobian, parameter_blocks,
+    block_gramians, check_depth, check_losses, cosines_and_conflicts, family_of_model, host_values, jacobian,
+    parameter_blocks,
 )
 from workbench.results import Result, provenance, register
 
@@ -313,9 +314,10 @@ class MultiTaskTrainer:
         batch = self.data(step)
         self.model.train()
         losses = self.losses(batch)
-        for name, l in zip(self.names, losses):
-            if not torch.isfinite(l).all():
-                raise TrainingStopped(f"task {name!r} has a non-finite loss ({float(l.detach())}) at step {step}; "
+        values = host_values(losses)  # every task's loss in one read from the device
+        for name, l, v in zip(self.names, losses, values):
+            if not math.isfinite(v):
+                raise TrainingStopped(f"task {name!r} has a non-finite loss ({v}) at step {step}; "
                                       "training stopped, the last checkpoint is unchanged")
             if not l.requires_grad:
                 raise WorkbenchError(f"the loss of task {name!r} does not depend on any trainable parameter (no graph)")
@@ -329,14 +331,14 @@ class MultiTaskTrainer:
             params = [p for _, p in self.shared]
             # task heads get the gradient of the summed loss, from the same T backward passes
             j, extra = jacobian(check_losses(losses), params, extra=self.own)
-            lo, hi = torch.aminmax(j)  # NaN propagates; one fast pass, unlike isfinite(j).all()
-            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            lo, hi = torch.stack(torch.aminmax(j)).tolist()  # NaN propagates; one fast pass, unlike isfinite(j).all()
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 bad = [n for n, row in zip(self.names, j) if not torch.isfinite(row).all()]
                 raise TrainingStopped(f"task(s) {bad} have non-finite gradients at step {step}; training stopped "
                                       "before the update, the weights and the last checkpoint are unchanged")
             for p, g in zip(self.own, extra or ()):
                 p.grad = g
-            loss_values = np.asarray([float(l.detach()) for l in losses])
+            loss_values = np.asarray(values)
             # monitored steps take the Gramians anyway: the aggregator reuses the overall one
             bg = block_gramians(j, self._block_index, self._sizes, len(self.blocks)) if monitored else None
             if self.state_agg is not None:

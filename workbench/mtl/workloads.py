@@ -113,7 +113,7 @@ class TextTasksNet(nn.Module):
 
     def forward(self, batch):
         logits = self.trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        last = logits[torch.arange(len(logits)), batch["attention_mask"].sum(-1) - 1]
+        last = logits[torch.arange(len(logits), device=logits.device), batch["attention_mask"].sum(-1) - 1]
         return {name: last[batch["task"] == i] for i, name in enumerate(self.names)}
 
 

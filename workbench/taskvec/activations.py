@@ -96,7 +96,7 @@ def _add_at_last(batch, vec: torch.Tensor):
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        x[rows, last] = x[rows, last] + vec.to(x.dtype)
+        x[rows, last] = x[rows, last] + vec.to(x.device, x.dtype)
         return x
 
     return fn
@@ -285,7 +285,7 @@ def indirect_effects(
         return torch.tensor(ie, dtype=torch.float32).reshape(L, H), pt.base(p_answer)
     base_p = p_answer(subject.logits(corrupted), corrupted)
     rows, last = _last_rows(corrupted)
-    ie = torch.zeros(L, H)
+    ie = torch.zeros(L, H, device=base_p.device)  # filled on the device: no read per head
     for l in range(L):
         for h in range(H):
             def fn(x, h=h, l=l):
@@ -295,7 +295,7 @@ def indirect_effects(
 
             probs = p_answer(subject.logits(corrupted, patch={f"z.{l}": fn}), corrupted)
             ie[l, h] = (probs - base_p).mean()
-    return ie, float(base_p.mean())
+    return ie.cpu(), float(base_p.mean())
 
 
 def function_vector(

@@ -63,15 +63,15 @@ def diagnose(task_vectors: Sequence[TaskVector], *, names: Sequence[str] | None 
     block = {k: block_of(k, fam) for k in keys}
     blocks = block_order(block.values())
     bi = {b: i for i, b in enumerate(blocks)}
-    gram = torch.zeros(len(blocks), n, n, dtype=torch.float64)
-    both = torch.zeros(n, n, dtype=torch.float64)
-    opposite = torch.zeros(n, n, dtype=torch.float64)
-    multi = 0.0
-    mixed_sign = 0.0
-    mass = torch.zeros(n, len(densities), dtype=torch.float64)
-    total = torch.zeros(n, dtype=torch.float64)
+    acc = None  # the sums, on the task vectors' device (made at the first tensor), read once at the end
     for key in keys:
         ds = torch.stack([tv[key].reshape(-1) for tv in tvs]).double()
+        if acc is None:
+            z = {"dtype": torch.float64, "device": ds.device}
+            acc = (torch.zeros(len(blocks), n, n, **z), torch.zeros(n, n, **z), torch.zeros(n, n, **z),
+                   torch.zeros((), **z), torch.zeros((), **z), torch.zeros(n, len(densities), **z),
+                   torch.zeros(n, **z))
+            gram, both, opposite, multi, mixed_sign, mass, total = acc
         gram[bi[block[key]]] += ds @ ds.T
         s = ds.sign()
         nz = (s != 0).double()
@@ -79,13 +79,17 @@ def diagnose(task_vectors: Sequence[TaskVector], *, names: Sequence[str] | None 
         pos, neg = (s > 0).double(), (s < 0).double()
         opposite += pos @ neg.T + neg @ pos.T
         cnt = nz.sum(0)
-        multi += float((cnt >= 2).sum())
-        mixed_sign += float(((pos.sum(0) > 0) & (neg.sum(0) > 0)).sum())
+        multi += (cnt >= 2).sum()
+        mixed_sign += ((pos.sum(0) > 0) & (neg.sum(0) > 0)).sum()
         a = ds.abs()
         total += a.sum(1)
         for j, dens in enumerate(densities):
             for t in range(n):
-                mass[t, j] += float(trim_topk(a[t], dens).sum())
+                mass[t, j] += trim_topk(a[t], dens).sum()
+    if acc is None:
+        raise WorkbenchError("the task vectors hold no tensors to diagnose")
+    gram, both, opposite, mass, total = (t.cpu() for t in (gram, both, opposite, mass, total))
+    multi, mixed_sign = torch.stack([multi, mixed_sign]).tolist()
     whole = gram.sum(0)
     cosine = cosine_from_gramian(whole.numpy())
     by_block = cosine_from_gramian(gram.numpy())

@@ -39,8 +39,8 @@ from workbench.taskvec.vectors import TaskVector
 
 
 def _answer_loss(logits: torch.Tensor, last: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(logits.shape[0])
-    return torch.nn.functional.cross_entropy(logits[rows, last].float(), answers)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits[rows, last.to(logits.device)].float(), answers.to(logits.device))
 
 
 def finetune(
@@ -61,7 +61,9 @@ def finetune(
     ``task`` may be a list of tasks: co-training, with batches alternating between the
     tasks and ``steps`` steps on *each* (``len(task) * steps`` in all), so every task gets
     exactly the updates it gets alone. Seeded: the same seed gives the same weights on the
-    CPU. The subject's own model is not changed.
+    CPU. The subject's own model is not changed. A half-precision model (bf16, fp16) is
+    trained on a float32 copy (Adam's moments and small updates vanish in half precision;
+    fp16 rounds Adam's eps to 0 and diverges) and its state returned in the model's dtypes.
     """
     subject.require_local("finetune (it trains a copy of the weights)")
     if steps < 1 or batch_size < 1 or not lr > 0:
@@ -80,6 +82,9 @@ def finetune(
         batch = subject.tokenize(ds["prompt"])
         data.append((batch, torch.tensor(ds["answer_id"], device=batch.input_ids.device)))
     model = copy.deepcopy(subject.model)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        model.float()  # float32 master weights for a half-precision model
     model.train()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -92,7 +97,7 @@ def finetune(
     for i in it:
         batch, answers = data[i % len(tasks)]
         n = len(batch)
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(batch.input_ids.device)
         out = model(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx])
         loss = _answer_loss(out.logits, batch.last[idx], answers[idx])
         if not torch.isfinite(loss):
@@ -102,7 +107,7 @@ def finetune(
         loss.backward()
         opt.step()
     model.eval()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().to(dtypes[k]).clone() for k, v in model.state_dict().items()}
 
 
 def finetune_all(subject, tasks: Sequence[str], **kwargs) -> dict[str, dict[str, torch.Tensor]]:
@@ -210,7 +215,7 @@ class MergeEvaluator:
         for t, (b, answers) in self._batches.items():
             kwargs = b.kwargs()
             logits = (self.model(**kwargs) if params is None else functional_call(self.model, self.call_params(params), (), kwargs)).logits
-            pred = logits[torch.arange(len(b)), b.last].argmax(-1)
+            pred = logits[torch.arange(len(b), device=logits.device), b.last.to(logits.device)].argmax(-1)
             out[t] = (pred == answers).cpu().numpy()
         return out
 
@@ -309,7 +314,8 @@ def learn_coefficients(
     blocks = block_order(block.values())
     bidx = {b: i for i, b in enumerate(blocks)}
     torch.manual_seed(seed)
-    coef = torch.full((len(blocks), len(ev.names)), float(init), requires_grad=True)
+    dev = next(iter(ev.base.values())).device  # the coefficients live with the weights they mix
+    coef = torch.full((len(blocks), len(ev.names)), float(init), device=dev, requires_grad=True)
     prompts, answers = [], []
     for t in ev.tasks:
         ds = zero_shot_prompts(t, min(n_val, len(get_task(t).split(split))), split=split, seed=seed,
@@ -336,7 +342,8 @@ def learn_coefficients(
               "family": family.name}
     return AtlasCoefficients(
         dims={"block": blocks, "task_vector": ev.names, "step": list(range(steps))},
-        data={"coefficient": (("block", "task_vector"), coef.detach().numpy()), "loss": (("step",), np.array(losses))},
+        data={"coefficient": (("block", "task_vector"), coef.detach().cpu().numpy()),
+              "loss": (("step",), np.array(losses))},
         attrs=params, provenance=provenance(ev.subject, seed=seed, params=params),
     )
 

@@ -214,7 +214,7 @@ def elect_and_mean(weighted: torch.Tensor, weights: torch.Tensor, normalize: boo
     if normalize:
         w = weights.view(-1, *([1] * (weighted.ndim - 1))).to(weighted.dtype)
         div = (w * agree).sum(0)
-        div[div == 0] = 1
+        div = div.masked_fill(div == 0, 1)  # no boolean gather: the host never waits
         mixed = mixed / div
     return mixed
 
