@@ -555,13 +555,13 @@ def task_atlas(subject, tasks: Sequence[str] | None = None, *, config: AtlasConf
                cache_dir: str | os.PathLike | None = None, progress: bool = True) -> TaskAtlas:
     """The whole atlas of ``tasks`` (default: the 8 word tasks) on ``subject``; stages
     cached in ``cache_dir`` so an interrupted run resumes."""
-    subject.require_local("task_atlas (it fine-tunes and merges the weights)")
     cfg = config or AtlasConfig()
     tasks = list(tasks or DEFAULT_TASKS)
     if len(tasks) < 3:
         raise WorkbenchError(f"an atlas needs at least 3 tasks (pairs to rank), got {tasks}")
     if len(set(tasks)) != len(tasks):
         raise WorkbenchError(f"tasks must be distinct, got {tasks}")
+    subject.require_local("task_atlas (it fine-tunes and merges the weights)")
     cache = StageCache(cache_dir)
     tag = "-".join(tasks)
     truth = cache.result(f"truth-{_digest(tag, cfg)}", lambda: ground_truth(subject, tasks, cfg, cache, progress=progress))
