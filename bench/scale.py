@@ -31,7 +31,12 @@ Rows (ratio = workbench / anchor; the target is in the row's name):
   sites: attribution against exact patching of a random subset of the features (time per
   node, Spearman on the top nodes).
 
-``BENCH_SCALE_ONLY=heads,scan,zoo,gradients,merge,sae`` runs some sections only;
+- ``budget``: each lens under a ``max_bytes`` it must split its work for (head scores and
+  the exact scan at 64 MB, the Gramian-only mode at a quarter of the Jacobian) or under
+  its own up-front estimate (``train_sae``: ``training_bytes``; the merges above run
+  under ``merge_bytes``): the call's peak against the budget, target 1.5x.
+
+``BENCH_SCALE_ONLY=heads,scan,zoo,gradients,merge,sae,budget`` runs some sections only;
 ``BENCH_SCALE_MODELS=folder`` builds the random models there once and keeps them;
 ``BENCH_SCALE_MERGEKIT_CAP_MB`` (default 8192) is the resident size at which mergekit is
 stopped (on a shared machine), its figures then lower bounds.
@@ -45,8 +50,9 @@ log parameters (model size), log prompts and log length.
 ``python bench/scale.py`` (or ``python3 dev.py bench scale``) runs the small default
 sizes (minutes on one CPU thread); ``python bench/scale.py --full`` or
 ``BENCH_SCALE=full`` the issue's sizes (64 prompts x 128 tokens, every layer scanned,
-the full 16-layer Llama-1B merge): hours on one CPU thread, meant for a GPU or a large
-machine.
+4- and 16-layer Llama-1B merges, a 24,576-feature SAE trained for 150 steps of 4,096 and
+attribution over all 24,576 features at three sites): hours on one CPU thread, meant for
+a GPU or a large machine (mergekit's TIES at the Llama-1B shape holds about 21 GB).
 """
 
 from __future__ import annotations
