@@ -31,8 +31,8 @@ Rows (ratio = workbench / anchor; the target is in the row's name):
   sites: attribution against exact patching of a random subset of the features (time per
   node, Spearman on the top nodes).
 
-- ``budget``: each lens under a ``max_bytes`` it must split its work for (head scores and
-  the exact scan at 64 MB, the Gramian-only mode at a quarter of the Jacobian) or under
+- ``budget``: each lens under a ``max_bytes`` it must split its work for (head scores,
+  the exact scan and attribution at 64 MB, the Gramian-only mode at a quarter of the Jacobian) or under
   its own up-front estimate (``train_sae``: ``training_bytes``; the merges above run
   under ``merge_bytes``): the call's peak against the budget, target 1.5x.
 
@@ -103,7 +103,7 @@ FULL = dict(prompts=64, half=64, scan_prompts=8, scan_half=32, scan_layers=None,
 SAE_LR = 1e-3
 # max_bytes of the budget rows (MB): small enough that each lens must split its work (the SAE
 # trainer splits nothing: its budget is its own estimate, training_bytes)
-BUDGET_MB = {"budget_head_scores": 64, "budget_scan": 64}
+BUDGET_MB = {"budget_head_scores": 64, "budget_scan": 64, "budget_attribution": 64}
 EXTRA: dict = {}  # what a measurement adds to its RESULT line (the budget it ran under)
 ATTR_SITES = ("resid_post.3", "attn_out.6", "mlp_out.9")
 ATTR_TOP = 20
@@ -248,6 +248,14 @@ def _op(name: str, subject, model, sz: dict, n: int, half: int):
 
             def f(x=ids):
                 return head_scores(subject, x, kinds=KINDS, n_boot=0, control=False, max_bytes=budget)
+            warm = lambda: f(_ids(subject, 1, 4))  # noqa: E731
+        elif name == "budget_attribution":
+            from workbench.effects import Heads, Patching
+
+            ids = _ids(subject, 8, 16, seed=1)
+
+            def f(x=ids):
+                return Patching(subject, x, Heads()).attribution("loss", max_bytes=budget)
             warm = lambda: f(_ids(subject, 1, 4))  # noqa: E731
         elif name == "budget_scan":
             from workbench.effects import Heads, Patching
@@ -817,6 +825,7 @@ def _budget(t: Table, sz: dict, models: str) -> None:
     shape = "gpt2-small"
     for op, what in (("budget_head_scores", f"head_scores, {sz['prompts']} x {2 * sz['half'] + 1} tokens"),
                      ("budget_scan", f"exact head scan of 2 layers, {sz['scan_prompts']} x {2 * sz['scan_half'] + 1} tokens"),
+                     ("budget_attribution", "attribution over every head, 8 x 33 tokens (prompts in chunks)"),
                      ("budget_sae", f"train_sae TopK d_in 768, {sz['sae_features']} features, batches of 2048")):
         r = measure(op, shape, models)
         t.add(f"{shape} {what} under max_bytes, peak (MB) [target <= 1.5x max_bytes]", r["peak_mb"], r["budget_mb"])

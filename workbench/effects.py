@@ -639,12 +639,39 @@ class Patching:
             out[start:start + len(group)] = _copy_means(metric, logits, self.batch)
         return out
 
-    def attribution(self, metric: str | Metric = "loss") -> tuple[np.ndarray, float]:
+    def attribution(self, metric: str | Metric = "loss", *,
+                    max_bytes: int = DEFAULT_BUDGET_BYTES) -> tuple[np.ndarray, float]:
         """Every node's attribution-patching estimate [node] (one forward and one
-        backward pass) and the metric's batch mean."""
+        backward pass) and the metric's batch mean.
+
+        When the graph of the whole batch does not fit ``max_bytes``, the prompts run in
+        chunks that fit (after one unpatched forward of the batch): a chunk's metric is
+        taken on the whole batch's logits, the other prompts' from the unpatched run
+        without a graph, so a metric that reads per-prompt answers of the whole batch
+        still lines up, and the result is the same whenever each prompt's value depends
+        on its own logits (as ``metric(logits, batch) -> [batch]`` means)."""
         metric = resolve_metric(metric)
         n = len(self.batch)
-        acts, grads, value = self.subject.gradients(self.batch, [sn.site for sn in self.sites], metric)
+        sites = [sn.site for sn in self.sites]
+        p = self.batch.input_ids.shape[1]
+        rows = rows_per_batch(forward_bytes(self.subject, 1, p, width=max(sn.width() for sn in self.sites), grad=True),
+                              max_bytes, n)
+        if rows >= n:
+            acts, grads, value = self.subject.gradients(self.batch, sites, metric)
+        else:
+            _, full = self.clean()
+            parts = []
+            for start in range(0, n, rows):
+                sl = slice(start, min(n, start + rows))
+
+                def chunk_metric(logits, _batch, sl=sl):
+                    whole = torch.cat([full[:sl.start], logits, full[sl.stop:]])
+                    return metric(whole, self.batch)[sl]
+
+                parts.append(self.subject.gradients(self.batch[sl], sites, chunk_metric))
+            acts = {s: torch.cat([part[0][s] for part in parts]) for s in sites}
+            grads = {s: torch.cat([part[1][s] for part in parts]) for s in sites}
+            value = torch.cat([part[2].reshape(-1) for part in parts])
         out = []
         for sn in self.sites:
             x, g = acts[sn.site], grads[sn.site]
@@ -803,7 +830,7 @@ def effects(
         eff = pt.exact(metric, only=only, max_bytes=max_bytes)
         attrs["base"] = pt.base(metric)
     elif method == "attribution":
-        eff, attrs["base"] = pt.attribution(metric)
+        eff, attrs["base"] = pt.attribution(metric, max_bytes=max_bytes)
     else:
         eff = pt.ig(metric, ig_steps, max_bytes=max_bytes)
         attrs["base"] = pt.base(metric)

@@ -24,11 +24,14 @@ def forward_bytes(subject, rows: int, length: int, *, width: int = 0, grad: bool
     """Activation bytes of one forward over ``rows`` x ``length`` tokens: per token a
     layer's working tensors (12 x d_model), a row of every head's pattern, the logits and
     a metric's log-softmax of them (2 x d_vocab) and ``width`` more entries, at 4 bytes at
-    least; with ``grad`` the graph keeps about that much for every layer (2 x n_layers + 2
-    times)."""
-    size = torch.finfo(subject.dtype).bits // 8 if subject.dtype.is_floating_point else 4
-    per = rows * length * (12 * subject.d_model + subject.n_heads * length + 2 * subject.d_vocab + width) * max(size, 4)
-    return per * (2 * subject.n_layers + 2) if grad else per
+    least. With ``grad`` (a forward kept for a backward pass) every layer's saved tensors
+    (16 x d_model and two pattern rows per token), and the logits, their log-softmax and
+    the gradients of both (4 x d_vocab)."""
+    size = max(4, torch.finfo(subject.dtype).bits // 8 if subject.dtype.is_floating_point else 4)
+    d, heads = subject.d_model, subject.n_heads * length
+    if grad:
+        return rows * length * (subject.n_layers * (16 * d + 2 * heads) + 4 * subject.d_vocab + width) * size
+    return rows * length * (12 * d + heads + 2 * subject.d_vocab + width) * size
 
 
 def rows_per_batch(bytes_per_row: int, budget: int, n_rows: int) -> int:

@@ -293,3 +293,35 @@ def test_bad_input(linear):
         effects(linear, SAME_LEN, Heads(), method="ig", ig_steps=0)
     with pytest.raises(WorkbenchError, match="unknown metric"):
         effects(linear, SAME_LEN, Heads(), "accuracy")
+
+
+@pytest.mark.parametrize("replacement", ["zero", "mean", "resample", "corrupted"])
+def test_attribution_in_chunks_under_a_budget_is_the_whole_batch_attribution(subject, replacement):
+    """A max_bytes below one batch's graph runs the prompts in chunks (one prompt each
+    here); the metric still sees the whole batch (it reads per-prompt answer lists of
+    the whole batch), and every node's estimate and the base equal the one-pass answer."""
+    from workbench.memory import forward_bytes
+
+    batch = subject.as_batch(SAME_LEN)
+    good, bad = [3, 5, 7], [4, 6, 8]
+
+    def metric(logits, b):
+        return logit_diff(logits, b, good, bad)
+
+    site = "resid_post.0"
+    nodes = [Heads(layers=[0, 1]), Features({site: random_sae(subject.d_model, 16, site)})]
+    kw = dict(replacement=replacement, corrupted=OTHER if replacement == "corrupted" else None)
+    whole, base = Patching(subject, batch, nodes, **kw).attribution(metric, max_bytes=2**40)
+    one_row = forward_bytes(subject, 1, batch.input_ids.shape[1], width=16, grad=True)
+    pt = Patching(subject, batch, nodes, **kw)
+    calls = []
+    real = subject.gradients
+    try:
+        subject.gradients = lambda b, *a, **k: calls.append(len(b)) or real(b, *a, **k)
+        chunked, base_c = pt.attribution(metric, max_bytes=one_row)
+    finally:
+        del subject.gradients
+    assert calls == [1, 1, 1]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert abs(base_c - base) < 1e-6
+    assert np.abs(whole).max() > 0

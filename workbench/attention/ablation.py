@@ -153,7 +153,7 @@ def scan_heads(
     data = {"effect": (("layer", "head"), exact)}
     attrs = {"base": pt.base(metric), "replacement": replacement, "seed": seed, "skip_first": skip_first}
     if attribution:
-        est = pt.ig(metric, ig_steps, max_bytes=max_bytes) if ig_steps > 0 else pt.attribution(metric)[0]
+        est = pt.ig(metric, ig_steps, max_bytes=max_bytes) if ig_steps > 0 else pt.attribution(metric, max_bytes=max_bytes)[0]
         est = est.reshape(L, H)
         data["attribution"] = (("layer", "head"), est)
         attrs["spearman"] = spearman(exact, est)
