@@ -31,8 +31,9 @@ Rows (ratio = workbench / anchor; the target is in the row's name):
   sites: attribution against exact patching of a random subset of the features (time per
   node, Spearman on the top nodes).
 
-- ``budget``: each lens under a ``max_bytes`` it must split its work for (head scores,
-  the exact scan and attribution at 64 MB, the Gramian-only mode at a quarter of the Jacobian) or under
+- ``budget``: each lens under a ``max_bytes`` it must split its work for (head scores and
+  the exact scan at 64 MB, attribution at 320 MB, below its one-pass need but above the
+  whole batch's logits that every chunk holds, the Gramian-only mode at a quarter of the Jacobian) or under
   its own up-front estimate (``train_sae``: ``training_bytes``; the merges above run
   under ``merge_bytes``): the call's peak against the budget, target 1.5x.
 
@@ -103,7 +104,7 @@ FULL = dict(prompts=64, half=64, scan_prompts=8, scan_half=32, scan_layers=None,
 SAE_LR = 1e-3
 # max_bytes of the budget rows (MB): small enough that each lens must split its work (the SAE
 # trainer splits nothing: its budget is its own estimate, training_bytes)
-BUDGET_MB = {"budget_head_scores": 64, "budget_scan": 64, "budget_attribution": 64}
+BUDGET_MB = {"budget_head_scores": 64, "budget_scan": 64, "budget_attribution": 320}
 EXTRA: dict = {}  # what a measurement adds to its RESULT line (the budget it ran under)
 ATTR_SITES = ("resid_post.3", "attn_out.6", "mlp_out.9")
 ATTR_TOP = 20

@@ -649,13 +649,18 @@ class Patching:
         taken on the whole batch's logits, the other prompts' from the unpatched run
         without a graph, so a metric that reads per-prompt answers of the whole batch
         still lines up, and the result is the same whenever each prompt's value depends
-        on its own logits (as ``metric(logits, batch) -> [batch]`` means)."""
+        on its own logits (as ``metric(logits, batch) -> [batch]`` means). Every chunk
+        holds the whole batch's logits with their log-softmax and gradients: a budget
+        below that runs one prompt at a time."""
         metric = resolve_metric(metric)
         n = len(self.batch)
         sites = [sn.site for sn in self.sites]
         p = self.batch.input_ids.shape[1]
-        rows = rows_per_batch(forward_bytes(self.subject, 1, p, width=max(sn.width() for sn in self.sites), grad=True),
-                              max_bytes, n)
+        per_row = forward_bytes(self.subject, 1, p, width=max(sn.width() for sn in self.sites), grad=True)
+        rows = n
+        if per_row * n > max_bytes:  # chunks, each also holding the whole batch's logits, their log-softmax and
+            whole = 4 * n * p * self.subject.d_vocab * 4  # the gradients of both (float32)
+            rows = rows_per_batch(per_row, max_bytes - whole, n)
         if rows >= n:
             acts, grads, value = self.subject.gradients(self.batch, sites, metric)
         else:
