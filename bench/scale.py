@@ -118,7 +118,7 @@ def sizes() -> dict:
 # ---------------------------------------------------------------------- in the measuring process
 
 
-def _status(key: str) -> int:
+def proc_status(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
@@ -402,11 +402,11 @@ def _sae_child(spec: dict) -> dict:
         encode_decode = lambda x: sae.decode(sae.encode(x))  # noqa: E731
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     start, cpu = time.perf_counter(), time.process_time()
     train()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    peak = _status("VmHWM") - base
+    peak = proc_status("VmHWM") - base
     return {"seconds": seconds, "cpu_s": cpu, "peak_mb": peak / 2**20, "fvu": _fvu_of(encode_decode, held)}
 
 
@@ -480,11 +480,11 @@ def child(spec: dict) -> None:
     del out
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     start = time.perf_counter()
     out = timed()
     seconds = time.perf_counter() - start
-    peak = _status("VmHWM") - base
+    peak = proc_status("VmHWM") - base
     del out
     if seconds < 1.0:  # a short call: the median of a few more
         from bench.harness import timeit
@@ -578,15 +578,15 @@ from pathlib import Path
 torch.set_num_threads(1)
 from workbench.taskvec import Checkpoint, TaskVector, merge
 from workbench.taskvec.merging import merge_bytes
+from bench.scale import proc_status
 base, out, density, keep, *fts = sys.argv[1:]
 tvs = [TaskVector(base, f) for f in fts]
 budget = merge_bytes(Checkpoint(base), len(tvs), keep=keep == "keep")  # merge runs under its own estimate
-status = lambda k: next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
-                        if l.startswith(k + ":"))
 Path("/proc/self/clear_refs").write_text("5")
-before = status("VmRSS")
+before = proc_status("VmRSS")
 merge(base, tvs, "ties", density=float(density), out=out, keep=keep == "keep", max_bytes=budget)
-Path(out + ".json").write_text(json.dumps({"budget_mb": budget / 2**20, "call_peak_mb": (status("VmHWM") - before) / 2**20}))
+Path(out + ".json").write_text(json.dumps({"budget_mb": budget / 2**20,
+                                           "call_peak_mb": (proc_status("VmHWM") - before) / 2**20}))
 """
 
 

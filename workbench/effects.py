@@ -655,12 +655,11 @@ class Patching:
         metric = resolve_metric(metric)
         n = len(self.batch)
         sites = [sn.site for sn in self.sites]
-        p = self.batch.input_ids.shape[1]
-        per_row = forward_bytes(self.subject, 1, p, width=max(sn.width() for sn in self.sites), grad=True)
+        need = self._copy_bytes(grad=True)  # the whole batch's graph
         rows = n
-        if per_row * n > max_bytes:  # chunks, each also holding the whole batch's logits, their log-softmax and
-            whole = 4 * n * p * self.subject.d_vocab * 4  # the gradients of both (float32)
-            rows = rows_per_batch(per_row, max_bytes - whole, n)
+        if need > max_bytes:  # chunks, each also holding the whole batch's logits, their log-softmax and
+            logits_bytes = 4 * self.batch.input_ids.numel() * self.subject.d_vocab * 4  # the gradients of both
+            rows = rows_per_batch(need // n, max_bytes - logits_bytes, n)
         if rows >= n:
             acts, grads, value = self.subject.gradients(self.batch, sites, metric)
         else:
@@ -670,8 +669,7 @@ class Patching:
                 sl = slice(start, min(n, start + rows))
 
                 def chunk_metric(logits, _batch, sl=sl):
-                    whole = torch.cat([full[:sl.start], logits, full[sl.stop:]])
-                    return metric(whole, self.batch)[sl]
+                    return metric(torch.cat([full[:sl.start], logits, full[sl.stop:]]), self.batch)[sl]
 
                 parts.append(self.subject.gradients(self.batch[sl], sites, chunk_metric))
             acts = {s: torch.cat([part[0][s] for part in parts]) for s in sites}
@@ -744,9 +742,10 @@ def _part_grads(sn: SiteNodes, x, parts, g):
 def _upload(arrays: Sequence[np.ndarray], device) -> list[torch.Tensor]:
     """Host int64 arrays as tensors on ``device``, sent in one copy (a copy per array
     would wait for the device once per array)."""
-    sizes = [a.size for a in arrays]
-    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, dtype=np.int64))
-    return list(flat.to(device).split(sizes)) if arrays else []
+    if not arrays:
+        return []
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+    return list(flat.to(device).split([a.size for a in arrays]))
 
 
 def _mean64(metric: Metric, logits: torch.Tensor, batch) -> float:

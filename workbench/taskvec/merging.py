@@ -414,7 +414,7 @@ def merge_bytes(base: Checkpoint, n: int, *, keep: bool = True) -> int:
     out = sum(sizes) if keep else max(sizes, default=0)
     big = max((math.prod(base.shape(k)) for k in base.keys()), default=0)
     src = max((base.nbytes(k) for k in base.keys()), default=0)
-    work = 8 if any(base.dtype(k) == torch.float64 for k in base.keys()) else 4
+    work = max((work_dtype(base.dtype(k)).itemsize for k in base.keys()), default=4)
     return out + 3 * src + work * (big + min(big, CHUNK) * (n + 3))
 
 
